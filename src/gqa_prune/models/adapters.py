@@ -1,0 +1,162 @@
+"""Architecture adapters: the ONLY place that knows module and config attribute names.
+
+Supporting a new family means adding one entry to ``ADAPTERS``. Everything else in
+gqa-prune reaches decoder layers, projections and config fields through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from gqa_prune.errors import GQAPruneError
+from gqa_prune.models.geometry import GQAGeometry, heads_from_config
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    """Names of the modules gqa-prune reads and slices in one model family.
+
+    Attributes:
+        family: short family name (``llama``, ``qwen2`` ...).
+        pruned_model_type: ``model_type`` written into a pruned checkpoint's config.
+        pruned_class: class name in the shipped modeling file for that family.
+        q_bias: q/k/v projections carry biases by construction (Qwen2).
+    """
+
+    family: str
+    pruned_model_type: str
+    pruned_class: str
+    pruned_config_class: str
+    layers_attr: str = "model.layers"
+    attn_attr: str = "self_attn"
+    mlp_attr: str = "mlp"
+    q_name: str = "q_proj"
+    k_name: str = "k_proj"
+    v_name: str = "v_proj"
+    o_name: str = "o_proj"
+    gate_name: str = "gate_proj"
+    up_name: str = "up_proj"
+    down_name: str = "down_proj"
+
+    # ----------------------------------------------------------------- access
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layer list (``model.model.layers`` for Llama-like models)."""
+        obj: Any = model
+        for part in self.layers_attr.split("."):
+            if not hasattr(obj, part):
+                raise GQAPruneError(
+                    f"{type(model).__name__} has no '{self.layers_attr}'; expected a "
+                    f"{self.family}-style causal LM (e.g. AutoModelForCausalLM)"
+                )
+            obj = getattr(obj, part)
+        return obj
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return self._child(layer, self.attn_attr, "attention block")
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return self._child(layer, self.mlp_attr, "MLP block")
+
+    def attention_projections(self, layer: nn.Module) -> tuple[nn.Linear, ...]:
+        """``(q_proj, k_proj, v_proj, o_proj)`` of one decoder layer."""
+        attn = self.attention(layer)
+        return tuple(
+            self._linear(attn, n) for n in (self.q_name, self.k_name, self.v_name, self.o_name)
+        )
+
+    def mlp_projections(self, layer: nn.Module) -> tuple[nn.Linear, ...]:
+        """``(gate_proj, up_proj, down_proj)`` of one decoder layer."""
+        mlp = self.mlp(layer)
+        return tuple(self._linear(mlp, n) for n in (self.gate_name, self.up_name, self.down_name))
+
+    def has_attention(self, layer: nn.Module) -> bool:
+        return hasattr(layer, self.attn_attr)
+
+    def _child(self, module: nn.Module, name: str, what: str) -> nn.Module:
+        child = getattr(module, name, None)
+        if child is None:
+            raise GQAPruneError(
+                f"decoder layer {type(module).__name__} has no {what} '{name}'; "
+                f"gqa-prune supports {supported_families()}"
+            )
+        return child
+
+    def _linear(self, module: nn.Module, name: str) -> nn.Linear:
+        proj = getattr(module, name, None)
+        if not isinstance(proj, nn.Linear):
+            raise GQAPruneError(
+                f"{type(module).__name__} has no linear projection '{name}' (GQA pruning "
+                f"needs q/k/v/o_proj and gate/up/down_proj); supported: {supported_families()}"
+            )
+        return proj
+
+    # --------------------------------------------------------------- geometry
+    def geometry(self, model: nn.Module) -> GQAGeometry:
+        """Current per-layer shapes of ``model``, read from its modules and config."""
+        config = model.config
+        n_q, n_kv, head_dim = heads_from_config(config)
+        layers = self.decoder_layers(model)
+        kv_heads, inter = [], []
+        q_bias = o_bias = mlp_bias = False
+        for layer in layers:
+            q, k, v, o = self.attention_projections(layer)
+            if k.out_features % head_dim or q.out_features != k.out_features * (n_q // n_kv):
+                raise GQAPruneError(
+                    f"layer shapes q={q.out_features}, k={k.out_features} do not match "
+                    f"head_dim={head_dim} and Q:KV={n_q // n_kv} from the config"
+                )
+            kv_heads.append(k.out_features // head_dim)
+            gate, up, down = self.mlp_projections(layer)
+            inter.append(gate.out_features)
+            q_bias |= q.bias is not None
+            o_bias |= o.bias is not None
+            mlp_bias |= gate.bias is not None
+        total = sum(p.numel() for p in model.parameters())  # tied weights count once
+        return GQAGeometry(
+            num_layers=len(layers),
+            hidden_size=int(config.hidden_size),
+            head_dim=head_dim,
+            queries_per_kv=n_q // n_kv,
+            kv_heads=tuple(kv_heads),
+            intermediate_sizes=tuple(inter),
+            attention_bias=q_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
+            total_params=total,
+        )
+
+
+def _family(name: str) -> ArchitectureAdapter:
+    cls = name.capitalize()
+    return ArchitectureAdapter(
+        family=name,
+        pruned_model_type=f"gqa_pruned_{name}",
+        pruned_class=f"Pruned{cls}ForCausalLM",
+        pruned_config_class=f"Pruned{cls}Config",
+    )
+
+
+# model_type (as in config.json) -> adapter. Pruned checkpoints map back to their family.
+ADAPTERS: dict[str, ArchitectureAdapter] = {}
+for _name in ("llama", "mistral", "qwen2", "qwen3"):
+    ADAPTERS[_name] = _family(_name)
+    ADAPTERS[f"gqa_pruned_{_name}"] = ADAPTERS[_name]
+
+
+def supported_families() -> str:
+    return ", ".join(sorted({a.family for a in ADAPTERS.values()}))
+
+
+def get_adapter(model_or_config: Any) -> ArchitectureAdapter:
+    """The adapter for a model (or its config), by ``config.model_type``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise GQAPruneError(
+            f"model family '{model_type}' is not supported; supported families: "
+            f"{supported_families()}"
+        )
+    return ADAPTERS[model_type]
