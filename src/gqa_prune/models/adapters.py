@@ -151,9 +151,12 @@ def supported_families() -> str:
 
 
 def get_adapter(model_or_config: Any) -> ArchitectureAdapter:
-    """The adapter for a model (or its config), by ``config.model_type``."""
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
+    """The adapter for a model, its config, or a ``model_type`` string."""
+    if isinstance(model_or_config, str):
+        model_type: str | None = model_or_config
+    else:
+        config = getattr(model_or_config, "config", model_or_config)
+        model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
         raise GQAPruneError(
             f"model family '{model_type}' is not supported; supported families: "

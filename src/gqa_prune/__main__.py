@@ -1,0 +1,5 @@
+import sys
+
+from gqa_prune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""Run settings of one pruning experiment, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gqa_prune.errors import GQAPruneError
+
+STRATEGIES = ("inverse", "proportional", "uniform")
+IMPORTANCE_CRITERIA = ("taylor",)
+LAYER_IMPORTANCE_METHODS = ("removal", "activation", "block_influence", "none")
+
+
+def parse_distribution(text: str | None) -> tuple[float, float] | None:
+    """Parse ``a:m`` (attention:MLP share of the removed parameters); None/'auto' -> None."""
+    if text is None or text == "auto":
+        return None
+    parts = text.split(":")
+    try:
+        a, m = (float(p) for p in parts)
+    except ValueError:
+        raise GQAPruneError(
+            f"--pruning_distribution '{text}' is not of the form a:m (e.g. 2:8) or auto"
+        ) from None
+    if a < 0 or m < 0 or a + m == 0:
+        raise GQAPruneError(
+            f"--pruning_distribution '{text}' needs non-negative parts, not both zero (e.g. 2:8)"
+        )
+    return (a, m)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run (the CLI flags, with the original research script's names)."""
+
+    base_model: str = "smollm2-135m"
+    save_ckpt_log_name: str = "gqa_prune_run"
+    log_root: str = "prune_log"
+    pruning_ratio: float = 0.25
+    pruning_distribution: str | None = None
+    pruning_strategy: str = "inverse"
+    alpha: float = 1.0
+    min_pruning_rate: float = 0.0
+    max_pruning_rate: float = 1.0
+    freeze_top_n_layers: int = 0
+    layer_start: int | None = None
+    layer_end: int | None = None
+    mlp_round_to: int = 1
+    prune_mlp: bool = False
+    importance: str = "taylor"
+    channel_importance_samples: int = 32
+    taylor_seq_len: int = 128
+    taylor_batch_size: int = 4
+    layer_importance_method: str = "none"
+    layer_importance_samples: int = 16
+    calibration_dataset: str = "wikitext2"
+    eval_dataset: str = "wikitext2"
+    eval_seq_len: int = 128
+    eval_max_windows: int | None = None
+    eval_batch_size: int = 8
+    test_original_ppl: bool = False
+    test_after_prune: bool = False
+    save_model: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 42
+    data_dir: str | None = None
+    gqa_ratio: int | None = None
+    head_dim: int | None = None
+    command: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.pruning_ratio < 1.0:
+            raise GQAPruneError(
+                f"--pruning_ratio must be between 0 and 1 (exclusive), got {self.pruning_ratio}"
+            )
+        if not 0.0 <= self.min_pruning_rate <= self.max_pruning_rate <= 1.0:
+            raise GQAPruneError(
+                f"need 0 <= --min_pruning_rate <= --max_pruning_rate <= 1, got "
+                f"{self.min_pruning_rate} and {self.max_pruning_rate}"
+            )
+        if self.alpha < 0:
+            raise GQAPruneError(f"--alpha must be >= 0, got {self.alpha}")
+        if self.pruning_strategy not in STRATEGIES:
+            raise GQAPruneError(
+                f"unknown --pruning_strategy '{self.pruning_strategy}'; choose one of "
+                f"{', '.join(STRATEGIES)}"
+            )
+        if self.importance not in IMPORTANCE_CRITERIA:
+            raise GQAPruneError(
+                f"unknown --importance '{self.importance}'; choose one of "
+                f"{', '.join(IMPORTANCE_CRITERIA)}"
+            )
+        if self.layer_importance_method not in LAYER_IMPORTANCE_METHODS:
+            raise GQAPruneError(
+                f"unknown --layer_importance_method '{self.layer_importance_method}'; choose "
+                f"one of {', '.join(LAYER_IMPORTANCE_METHODS)}"
+            )
+        for name in (
+            "channel_importance_samples",
+            "layer_importance_samples",
+            "taylor_batch_size",
+            "eval_batch_size",
+            "mlp_round_to",
+        ):
+            if getattr(self, name) <= 0:
+                raise GQAPruneError(f"--{name} must be a positive number, got {getattr(self, name)}")
+        for name in ("taylor_seq_len", "eval_seq_len"):
+            if getattr(self, name) < 2:
+                raise GQAPruneError(f"--{name} must be at least 2, got {getattr(self, name)}")
+        if self.eval_max_windows is not None and self.eval_max_windows <= 0:
+            raise GQAPruneError(f"--eval_max_windows must be positive, got {self.eval_max_windows}")
+        if self.freeze_top_n_layers < 0:
+            raise GQAPruneError(
+                f"--freeze_top_n_layers must be >= 0, got {self.freeze_top_n_layers}"
+            )
+        if (
+            self.layer_start is not None
+            and self.layer_end is not None
+            and self.layer_start >= self.layer_end
+        ):
+            raise GQAPruneError(
+                f"--layer_start ({self.layer_start}) must be smaller than --layer_end "
+                f"({self.layer_end})"
+            )
+        if self.layer_start is not None and self.layer_start < 0:
+            raise GQAPruneError(f"--layer_start must be >= 0, got {self.layer_start}")
+        if "/" in self.save_ckpt_log_name or self.save_ckpt_log_name in ("", ".", ".."):
+            raise GQAPruneError(
+                f"--save_ckpt_log_name '{self.save_ckpt_log_name}' must be a plain folder name"
+            )
+        parse_distribution(self.pruning_distribution)
+
+    @property
+    def distribution(self) -> tuple[float, float] | None:
+        return parse_distribution(self.pruning_distribution)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

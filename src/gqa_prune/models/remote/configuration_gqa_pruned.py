@@ -1,0 +1,26 @@
+"""Configs of GQA-pruned models: the family's config plus per-layer shapes.
+
+Written by gqa-prune. Extra fields (one entry per decoder layer):
+    layer_num_key_value_heads: KV heads kept in each layer (Q heads = KV heads x Q:KV ratio).
+    layer_intermediate_sizes: MLP width of each layer.
+The global ``num_attention_heads`` / ``num_key_value_heads`` keep the unpruned values, so
+the Q:KV ratio and ``head_dim`` (stored explicitly) stay those of the original model.
+"""
+
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+
+class PrunedLlamaConfig(LlamaConfig):
+    model_type = "gqa_pruned_llama"
+
+
+class PrunedMistralConfig(MistralConfig):
+    model_type = "gqa_pruned_mistral"
+
+
+class PrunedQwen2Config(Qwen2Config):
+    model_type = "gqa_pruned_qwen2"
+
+
+class PrunedQwen3Config(Qwen3Config):
+    model_type = "gqa_pruned_qwen3"

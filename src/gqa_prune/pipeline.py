@@ -1,0 +1,105 @@
+"""Score units, allocate per-layer budgets, build the plan, slice: the pruning step as one call."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gqa_prune.allocation import Allocation, AllocationConfig, allocate
+from gqa_prune.errors import GQAPruneError
+from gqa_prune.importance import UnitScores, collect_taylor_scores
+from gqa_prune.models.adapters import get_adapter
+from gqa_prune.models.geometry import GQAGeometry
+from gqa_prune.plan import LayerPlan, PruningPlan
+from gqa_prune.slicing import apply_plan_
+
+log = logging.getLogger(__name__)
+
+
+def select_gqa_groups_to_prune(
+    group_importance: torch.Tensor, target_num_kv_heads: int
+) -> tuple[list[int], list[int]]:
+    """Split group indices into the ``target_num_kv_heads`` most important and the rest.
+
+    Ties break towards the lower index (stable), so the result is deterministic.
+
+    Returns:
+        ``(keep, prune)``, each sorted ascending.
+    """
+    n = group_importance.numel()
+    if not 0 <= target_num_kv_heads <= n:
+        raise GQAPruneError(f"cannot keep {target_num_kv_heads} of {n} KV groups")
+    order = torch.sort(group_importance.float(), descending=True, stable=True).indices.tolist()
+    return sorted(order[:target_num_kv_heads]), sorted(order[target_num_kv_heads:])
+
+
+def select_channels_to_keep(channel_importance: torch.Tensor, target: int) -> list[int]:
+    """Indices of the ``target`` most important MLP channels, sorted ascending."""
+    return select_gqa_groups_to_prune(channel_importance, target)[0]
+
+
+def build_plan(scores: UnitScores, allocation: Allocation, geometry: GQAGeometry) -> PruningPlan:
+    """Keep, in every layer, the highest-scoring groups and channels the allocation allows."""
+    layers = []
+    for la, g_scores, c_scores in zip(allocation.layers, scores.groups, scores.channels, strict=True):
+        keep_groups, _ = select_gqa_groups_to_prune(g_scores, la.kv_heads_after)
+        keep_channels = select_channels_to_keep(c_scores, la.channels_after)
+        layers.append(LayerPlan(la.layer, tuple(keep_groups), tuple(keep_channels)))
+    return PruningPlan(tuple(layers), geometry.queries_per_kv, geometry.head_dim)
+
+
+@dataclass(frozen=True)
+class PruneOutcome:
+    """What :func:`prune_model_` did."""
+
+    plan: PruningPlan
+    allocation: Allocation
+    before: GQAGeometry
+    after: GQAGeometry
+
+
+def prune_model_(
+    model: nn.Module,
+    calibration_ids: torch.Tensor,
+    allocation_config: AllocationConfig,
+    layer_importance: Sequence[float] | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> PruneOutcome:
+    """Prune ``model`` in place to remove ``allocation_config.pruning_ratio`` of its parameters.
+
+    Args:
+        model: a supported causal LM.
+        calibration_ids: ``(num_samples, seq_len)`` calibration tokens (non-test split).
+        allocation_config: target, strategy and constraints of the per-layer allocation.
+        layer_importance: one score per layer (higher = more important); None = all equal.
+        batch_size: calibration samples per forward/backward.
+    """
+    adapter = get_adapter(model)
+    before = adapter.geometry(model)
+    importance = list(layer_importance) if layer_importance is not None else [1.0] * before.num_layers
+    allocation = allocate(importance, before, allocation_config)
+    log.info(
+        "allocation: remove %.2f%% of %d parameters (target %.2f%%)",
+        100 * allocation.achieved_ratio,
+        before.total_params,
+        100 * allocation.target_ratio,
+    )
+    scores = collect_taylor_scores(model, calibration_ids, batch_size=batch_size, progress=progress)
+    plan = build_plan(scores, allocation, before)
+    after = apply_plan_(model, plan)
+    check_finite_logits(model, calibration_ids[:1], step="after pruning")
+    return PruneOutcome(plan=plan, allocation=allocation, before=before, after=after)
+
+
+@torch.no_grad()
+def check_finite_logits(model: nn.Module, input_ids: torch.Tensor, step: str) -> None:
+    """Raise a GQAPruneError naming ``step`` if the model's logits are not finite."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device)).logits
+    if not torch.isfinite(logits).all():
+        raise GQAPruneError(f"{step}: the model produces non-finite logits")

@@ -1,0 +1,167 @@
+"""One pruning experiment end to end: load, calibrate, evaluate, prune, evaluate, save."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from typing import Any
+
+import torch
+
+from gqa_prune.allocation import AllocationConfig
+from gqa_prune.config import RunConfig
+from gqa_prune.data import load_text, sample_calibration, tokenize_text
+from gqa_prune.errors import GQAPruneError
+from gqa_prune.evaluation.perplexity import PerplexityResult, evaluate_perplexity
+from gqa_prune.io_utils import write_json_atomic
+from gqa_prune.models.adapters import get_adapter
+from gqa_prune.models.checkpoint import save_pruned
+from gqa_prune.models.geometry import GQAGeometry, heads_from_config
+from gqa_prune.models.loading import load_model
+from gqa_prune.pipeline import PruneOutcome, prune_model_
+from gqa_prune.reporting.experiment import ExperimentDir, setup_logging
+
+log = logging.getLogger("gqa_prune.runner")
+
+
+def check_declared_geometry(config: RunConfig, model_config: Any) -> None:
+    """``--gqa_ratio`` / ``--head_dim`` are accepted for compatibility; they must match."""
+    n_q, n_kv, head_dim = heads_from_config(model_config)
+    if config.gqa_ratio is not None and config.gqa_ratio != n_q // n_kv:
+        raise GQAPruneError(
+            f"--gqa_ratio {config.gqa_ratio} contradicts the model config ({n_q} Q / {n_kv} KV "
+            f"heads = {n_q // n_kv}); drop the flag, the ratio is read from the config"
+        )
+    if config.head_dim is not None and config.head_dim != head_dim:
+        raise GQAPruneError(
+            f"--head_dim {config.head_dim} contradicts the model config (head_dim {head_dim}); "
+            "drop the flag, it is read from the config"
+        )
+
+
+def allocation_config(config: RunConfig) -> AllocationConfig:
+    return AllocationConfig(
+        pruning_ratio=config.pruning_ratio,
+        strategy=config.pruning_strategy,  # type: ignore[arg-type]
+        alpha=config.alpha,
+        min_pruning_rate=config.min_pruning_rate,
+        max_pruning_rate=config.max_pruning_rate,
+        freeze_top_n_layers=config.freeze_top_n_layers,
+        layer_start=config.layer_start,
+        layer_end=config.layer_end,
+        distribution=config.distribution,
+        prune_mlp=config.prune_mlp,
+        mlp_round_to=config.mlp_round_to,
+    )
+
+
+def layer_table(geometry: GQAGeometry) -> list[dict[str, int]]:
+    return [
+        {"layer": i, "q_heads": q, "kv_heads": kv, "mlp_size": m}
+        for i, (q, kv, m) in enumerate(
+            zip(geometry.q_heads, geometry.kv_heads, geometry.intermediate_sizes, strict=True)
+        )
+    ]
+
+
+def build_summary(
+    config: RunConfig,
+    outcome: PruneOutcome,
+    ppl: dict[str, PerplexityResult],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    import transformers
+
+    before, after = outcome.before, outcome.after
+    removed = before.total_params - after.total_params
+    prunable_removed = before.prunable_params - after.prunable_params
+    ratio_ok = all(
+        q == kv * before.queries_per_kv for q, kv in zip(after.q_heads, after.kv_heads, strict=True)
+    )
+    return {
+        "base_model": config.base_model,
+        "params_before": before.total_params,
+        "params_after": after.total_params,
+        "params_removed": removed,
+        "target_ratio": config.pruning_ratio,
+        "actual_ratio_total": removed / before.total_params,
+        "actual_ratio_attention_mlp": prunable_removed / before.prunable_params,
+        "attention_ratio": 1 - sum(after.kv_heads) / sum(before.kv_heads),
+        "mlp_ratio": 1 - sum(after.intermediate_sizes) / sum(before.intermediate_sizes),
+        "gqa_ratio": before.queries_per_kv,
+        "gqa_ratio_kept_in_every_layer": ratio_ok,
+        "layers": layer_table(after),
+        "perplexity": {k: v.to_dict() for k, v in ppl.items()},
+        "timings_s": timings,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+
+
+def run_experiment(config: RunConfig) -> dict[str, Any]:
+    """Run one experiment and write its folder; returns ``summary.json``'s content."""
+    exp = ExperimentDir(config)
+    exp.prepare()
+    setup_logging(exp.run_dir / "training.log")
+    timings: dict[str, float] = {}
+    torch.manual_seed(config.seed)
+
+    t0 = time.perf_counter()
+    log.info("loading %s", config.base_model)
+    model, tokenizer = load_model(config.base_model, dtype=config.dtype, device=config.device)
+    get_adapter(model)
+    check_declared_geometry(config, model.config)
+    timings["load"] = time.perf_counter() - t0
+
+    calib_tokens = tokenize_text(tokenizer, load_text(config.calibration_dataset, "calibration", config.data_dir))
+    calibration = sample_calibration(
+        calib_tokens, config.channel_importance_samples, config.taylor_seq_len, config.seed
+    )
+    eval_tokens = None
+    if config.test_original_ppl or config.test_after_prune:
+        eval_tokens = tokenize_text(tokenizer, load_text(config.eval_dataset, "eval", config.data_dir))
+
+    def perplexity() -> PerplexityResult:
+        assert eval_tokens is not None
+        return evaluate_perplexity(
+            model,
+            eval_tokens,
+            seq_len=config.eval_seq_len,
+            max_windows=config.eval_max_windows,
+            batch_size=config.eval_batch_size,
+            dataset=config.eval_dataset,
+        )
+
+    ppl: dict[str, PerplexityResult] = {}
+    if config.test_original_ppl:
+        t0 = time.perf_counter()
+        ppl["before"] = perplexity()
+        timings["eval_before"] = time.perf_counter() - t0
+        log.info("perplexity before pruning: %.3f", ppl["before"].ppl)
+
+    t0 = time.perf_counter()
+    outcome = prune_model_(
+        model, calibration, allocation_config(config), batch_size=config.taylor_batch_size
+    )
+    timings["prune"] = time.perf_counter() - t0
+    outcome.plan.save(exp.path("pruning_plan.json"))
+
+    if config.test_after_prune:
+        t0 = time.perf_counter()
+        ppl["after"] = perplexity()
+        timings["eval_after"] = time.perf_counter() - t0
+        log.info("perplexity after pruning: %.3f", ppl["after"].ppl)
+
+    if config.save_model:
+        t0 = time.perf_counter()
+        save_pruned(model, tokenizer, exp.model_dir, overwrite=config.overwrite)
+        timings["save"] = time.perf_counter() - t0
+        log.info("saved the pruned model to %s", exp.model_dir)
+
+    summary = build_summary(config, outcome, ppl, timings)
+    write_json_atomic(exp.path("summary.json"), summary)
+    return summary

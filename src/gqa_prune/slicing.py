@@ -1,0 +1,162 @@
+"""The only code that changes weights: slicing whole GQA groups and MLP channels.
+
+Query head ``h`` reads KV head ``h // r`` (``r`` = Q heads per KV head, as in
+``repeat_kv``), so keeping KV head ``g`` keeps query heads ``[g*r, (g+1)*r)``; in the
+weights, q rows / o columns ``[g*r*d, (g+1)*r*d)`` and k/v rows ``[g*d, (g+1)*d)``
+(``d`` = head_dim). Kept groups stay in their original order, so the Q:KV mapping of
+the sliced layer is again ``h // r``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from gqa_prune.errors import GQAPruneError
+from gqa_prune.models.adapters import ADAPTERS, ArchitectureAdapter, get_adapter
+from gqa_prune.models.geometry import GQAGeometry
+from gqa_prune.plan import PruningPlan
+
+_DEFAULT_ADAPTER = ADAPTERS["llama"]
+
+
+def _slice_linear_(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    """Keep ``index`` along ``dim`` of ``linear.weight`` (0 = outputs, 1 = inputs), in place."""
+    weight = linear.weight
+    index = index.to(weight.device)
+    new_weight = weight.data.index_select(dim, index).clone()
+    linear.weight = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
+    if dim == 0:
+        linear.out_features = new_weight.shape[0]
+        if linear.bias is not None:
+            bias = linear.bias.data.index_select(0, index).clone()
+            linear.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    else:
+        linear.in_features = new_weight.shape[1]
+
+
+def group_rows(groups: Sequence[int], width: int) -> torch.Tensor:
+    """Row indices of the listed groups when each group spans ``width`` consecutive rows."""
+    g = torch.as_tensor(list(groups), dtype=torch.long)
+    return (g[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+
+def _check_indices(keep: Sequence[int], size: int, what: str) -> None:
+    if len(set(keep)) != len(keep) or any(i < 0 or i >= size for i in keep):
+        raise GQAPruneError(f"{what} indices {list(keep)} must be distinct and in [0, {size})")
+
+
+def prune_attention_by_gqa_groups(
+    layer: nn.Module,
+    keep_kv_indices: Sequence[int],
+    adapter: ArchitectureAdapter = _DEFAULT_ADAPTER,
+) -> None:
+    """Keep only the listed GQA groups of one decoder layer's attention, in place.
+
+    Slices q/k/v rows (and their biases) and o_proj input columns so that each kept KV
+    head keeps exactly its own query heads. The Q:KV ratio stays unchanged.
+
+    Args:
+        layer: a decoder layer.
+        keep_kv_indices: KV-head (group) indices to keep; at least one.
+        adapter: names of the projections (Llama-style by default).
+    """
+    attn = adapter.attention(layer)
+    q, k, v, o = adapter.attention_projections(layer)
+    head_dim = int(attn.head_dim)
+    ratio = q.out_features // k.out_features
+    n_kv = k.out_features // head_dim
+    keep = sorted(int(i) for i in keep_kv_indices)
+    _check_indices(keep, n_kv, "KV group")
+    if not keep:
+        raise GQAPruneError("keep at least one KV group per layer (got an empty list)")
+    q_rows = group_rows(keep, ratio * head_dim)
+    kv_rows = group_rows(keep, head_dim)
+    _slice_linear_(q, q_rows, 0)
+    _slice_linear_(k, kv_rows, 0)
+    _slice_linear_(v, kv_rows, 0)
+    _slice_linear_(o, q_rows, 1)
+    for name in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, len(keep) * ratio)
+    for name in ("num_key_value_heads",):
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, len(keep))
+
+
+def prune_mlp_channels(
+    layer: nn.Module,
+    keep_channels: Sequence[int],
+    adapter: ArchitectureAdapter = _DEFAULT_ADAPTER,
+) -> None:
+    """Keep only the listed MLP channels (gate/up rows, down columns) of one layer, in place."""
+    gate, up, down = adapter.mlp_projections(layer)
+    keep = sorted(int(i) for i in keep_channels)
+    _check_indices(keep, gate.out_features, "MLP channel")
+    if not keep:
+        raise GQAPruneError("keep at least one MLP channel per layer (got an empty list)")
+    index = torch.as_tensor(keep, dtype=torch.long)
+    _slice_linear_(gate, index, 0)
+    _slice_linear_(up, index, 0)
+    _slice_linear_(down, index, 1)
+    mlp = adapter.mlp(layer)
+    if isinstance(getattr(mlp, "intermediate_size", None), int):
+        mlp.intermediate_size = len(keep)
+
+
+def apply_plan_(model: nn.Module, plan: PruningPlan) -> GQAGeometry:
+    """Slice every layer of ``model`` to ``plan``, update its config, check the result.
+
+    Returns:
+        The geometry of the pruned model.
+    """
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    if len(plan.layers) != len(layers):
+        raise GQAPruneError(
+            f"pruning plan has {len(plan.layers)} layers but the model has {len(layers)}"
+        )
+    for lp in plan.layers:
+        layer = layers[lp.layer_idx]
+        q, k, _, _ = adapter.attention_projections(layer)
+        if len(lp.keep_kv_groups) != k.out_features // plan.head_dim:
+            prune_attention_by_gqa_groups(layer, lp.keep_kv_groups, adapter)
+        gate = adapter.mlp_projections(layer)[0]
+        if len(lp.keep_mlp_channels) != gate.out_features:
+            prune_mlp_channels(layer, lp.keep_mlp_channels, adapter)
+    geometry = adapter.geometry(model)
+    update_config_(model.config, geometry)
+    check_pruned_model(model, plan)
+    return geometry
+
+
+def update_config_(config: object, geometry: GQAGeometry) -> None:
+    """Write per-layer head counts and MLP sizes (and an explicit head_dim) into a config."""
+    config.head_dim = geometry.head_dim  # type: ignore[attr-defined]
+    config.layer_num_key_value_heads = list(geometry.kv_heads)  # type: ignore[attr-defined]
+    config.layer_intermediate_sizes = list(geometry.intermediate_sizes)  # type: ignore[attr-defined]
+
+
+def check_pruned_model(model: nn.Module, plan: PruningPlan) -> None:
+    """Raise if any layer's shapes disagree with the plan or the Q:KV ratio changed."""
+    adapter = get_adapter(model)
+    for lp, layer in zip(plan.layers, adapter.decoder_layers(model), strict=True):
+        q, k, v, o = adapter.attention_projections(layer)
+        n_kv = len(lp.keep_kv_groups)
+        expected_q = n_kv * plan.queries_per_kv * plan.head_dim
+        shapes_ok = (
+            k.out_features == v.out_features == n_kv * plan.head_dim
+            and q.out_features == o.in_features == expected_q
+        )
+        gate, up, down = adapter.mlp_projections(layer)
+        n_ch = len(lp.keep_mlp_channels)
+        mlp_ok = gate.out_features == up.out_features == down.in_features == n_ch
+        if not (shapes_ok and mlp_ok):
+            raise RuntimeError(
+                f"layer {lp.layer_idx} was not sliced to the plan: q={q.out_features} "
+                f"k={k.out_features} v={v.out_features} o_in={o.in_features} (expected "
+                f"{expected_q}/{n_kv * plan.head_dim}), mlp={gate.out_features}/"
+                f"{up.out_features}/{down.in_features} (expected {n_ch})"
+            )
