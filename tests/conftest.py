@@ -55,3 +55,58 @@ def kind(request):
 def batch():
     torch.manual_seed(1)
     return torch.randint(0, 128, (2, 12))
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (ids < 128) built in memory: no download."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def save_tiny_model_dir(path, kind: str = "llama4", seed: int = 0, **overrides):
+    """A tiny random model + tokenizer saved as a Hugging Face folder."""
+    model = tiny_model(kind, seed=seed, **overrides)
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+ENGLISH = (
+    "The quick brown fox jumps over the lazy dog. Pruning removes whole groups of heads "
+    "and channels from a model, and the remaining weights must still predict text well. "
+)
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A tiny model folder, a data folder with both WikiText-2 splits, and a log root."""
+    model_dir = save_tiny_model_dir(tmp_path / "tiny-llama")
+    data = tmp_path / "data"
+    (data / "wikitext-2-raw").mkdir(parents=True)
+    (data / "wikitext-2").mkdir(parents=True)
+    (data / "wikitext-2-raw" / "wiki.test.raw").write_text(ENGLISH * 20)
+    (data / "wikitext-2" / "valid.txt").write_text(ENGLISH[::-1] * 20)
+    return {"model": str(model_dir), "data": str(data), "logs": tmp_path / "logs"}
+
+
+def tiny_args(run, *extra):
+    """Fast CLI arguments for the tiny model."""
+    return [
+        "--base_model", run["model"],
+        "--data_dir", run["data"],
+        "--log_root", str(run["logs"]),
+        "--channel_importance_samples", "2",
+        "--layer_importance_samples", "2",
+        "--taylor_seq_len", "32",
+        "--eval_seq_len", "32",
+        "--eval_max_windows", "4",
+        "--device", "cpu",
+        *extra,
+    ]

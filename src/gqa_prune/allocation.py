@@ -19,22 +19,23 @@ Rates (``allocate``)
         sum_l rate_l * P_l = pruning_ratio * total_params           (c by bisection)
 
     ``rate_l`` is the removed fraction of the layer's attention+MLP parameters;
-    ``pruning_ratio`` is a fraction of ALL parameters (embeddings included).
+    ``pruning_ratio`` is a fraction of ALL parameters (embeddings included). The clip
+    bounds are narrowed to what the layer can really reach (floors, whole groups, grid).
 
 Whole groups and channels
-    The attention budget is ``B_A = sum_l rate_l * A_l`` (``A_l`` = attention params; the
-    same rate for attention and MLP) or, with ``distribution=(a, m)``,
-    ``B_A = a / (a + m) * pruning_ratio * total_params``; only one part pruned -> all of
-    the budget goes there. ``round(B_A / params_per_group)`` groups are shared among layers
-    in proportion to ``rate_l * kv_heads_l`` (largest remainder). The MLP absorbs the
-    rest: with the groups fixed, each layer's removal target becomes
-    ``clip(c' * w_l * P_l, window_l)`` (``c'`` re-solved by bisection), channel counts are
-    rounded down to the allowed grid, and the solver adds one channel (or one
-    ``mlp_round_to`` block) at a time to the layer furthest below its target, never
-    letting a layer pass the rate of a layer the strategy ranks above it. If that cannot
-    land within +-0.5 % of the target, neighbouring group counts are tried, then the
-    ordering constraint is dropped (only possible with uneven layer sizes or coarse
-    grids); if nothing lands, ``GQAPruneError`` says why.
+    Attention budget: ``B_A = sum_l rate_l * A_l`` (``A_l`` = attention params: the same
+    rate for attention and MLP), or ``B_A = a / (a + m) * pruning_ratio * total_params``
+    with ``distribution=(a, m)``; when only one part can be pruned it takes everything.
+    ``round(B_A / params_per_group)`` groups are shared by ``rate_l * kv_heads_l``
+    (largest remainder; ties go to the layer the strategy favours). The MLP absorbs the
+    rest: with the groups fixed, layer ``l`` aims at ``clip(c' * w_l * P_l, window_l)``
+    removed params (``c'`` again by bisection), rounds down to its channel grid, and the
+    fix-up adds one grid step (1 or ``mlp_round_to`` channels) at a time to the layer
+    furthest below its aim, never lifting a layer above the rate of a layer the strategy
+    ranks before it. If that misses +-0.5 %, the nearest other group totals are tried,
+    then an exact subset-sum search over all per-layer (groups, channels) choices
+    (identical layers still ordered by the strategy); only if that search is too large
+    is the ordering dropped. Nothing within +-0.5 % -> ``GQAPruneError`` with the reason.
 
 Bounds
     ``min_pruning_rate <= removed_l / P_l <= max_pruning_rate`` holds exactly, after
@@ -47,15 +48,15 @@ Bounds
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from typing import Any, Literal, get_args
 
 import numpy as np
 
+from gqa_prune.allocation_global import remove_cheapest
+from gqa_prune.allocation_solver import exact_fit, grid_of, search_groups, solve_scale
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.models.geometry import GQAGeometry
 
@@ -64,20 +65,33 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 TOLERANCE = 0.005  # |achieved_ratio - pruning_ratio| guaranteed by allocate / allocate_global
 
 
+# name: (low, high, low excluded, high excluded) for the real-valued settings
+_REAL_RANGES = {
+    "pruning_ratio": (0.0, 1.0, True, True),
+    "alpha": (0.0, math.inf, False, True),
+    "min_pruning_rate": (0.0, 1.0, False, True),
+    "max_pruning_rate": (0.0, 1.0, True, False),
+}
+_INT_MINIMA = {"freeze_top_n_layers": 0, "mlp_round_to": 1, "min_mlp_channels": 1}
+
+
 def _bad(name: str, value: Any, expected: str, fix: str = "") -> GQAPruneError:
-    return GQAPruneError(f"--{name}={value!r} is invalid: expected {expected}" + (f"; {fix}" if fix else ""))
+    fix = f"; {fix}" if fix else ""
+    return GQAPruneError(f"--{name}={value!r} is invalid: expected {expected}{fix}")
 
 
-def _real(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if ok and math.isfinite(value):
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+def _check_real(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not real or not math.isfinite(value):
+        raise _bad(name, value, f"a number in {interval}")
+    above = value > lo if lo_open else value >= lo
+    below = value < hi if hi_open else value <= hi
+    if not (above and below):
         raise _bad(name, value, f"a number in {interval}")
 
 
-def _int(name: str, value: Any, lo: int) -> None:
+def _check_int(name: str, value: Any, lo: int) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:
         raise _bad(name, value, f"an integer >= {lo}")
 
@@ -121,41 +135,38 @@ class AllocationConfig:
     min_mlp_channels: int = 1
 
     def __post_init__(self) -> None:
-        _real("pruning_ratio", self.pruning_ratio, 0.0, 1.0, True, True)
-        if self.strategy not in STRATEGIES:
-            raise _bad("strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
-        _real("alpha", self.alpha, 0.0, math.inf, False, True)
-        _real("min_pruning_rate", self.min_pruning_rate, 0.0, 1.0, False, True)
-        _real("max_pruning_rate", self.max_pruning_rate, 0.0, 1.0, True, False)
-        if self.min_pruning_rate > self.max_pruning_rate:
-            raise _bad("min_pruning_rate", self.min_pruning_rate,
-                       f"<= --max_pruning_rate={self.max_pruning_rate}", "lower one or raise the other")
-        _int("freeze_top_n_layers", self.freeze_top_n_layers, 0)
+        for name, bounds in _REAL_RANGES.items():
+            _check_real(name, getattr(self, name), *bounds)
+        for name, low in _INT_MINIMA.items():
+            _check_int(name, getattr(self, name), low)
         for name in ("layer_start", "layer_end"):
             if getattr(self, name) is not None:
-                _int(name, getattr(self, name), 0)
-        if self.layer_start is not None and self.layer_end is not None \
-                and self.layer_start >= self.layer_end:
-            raise _bad("layer_start", self.layer_start, f"< --layer_end={self.layer_end}",
-                       "the range [layer_start, layer_end) must hold at least one layer")
+                _check_int(name, getattr(self, name), 0)
+        for name in ("prune_attention", "prune_mlp", "allow_attention_removal"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "True or False")
+        if self.strategy not in STRATEGIES:
+            raise _bad("strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
+        if self.min_pruning_rate > self.max_pruning_rate:
+            bound = f"<= --max_pruning_rate={self.max_pruning_rate}"
+            raise _bad("min_pruning_rate", self.min_pruning_rate, bound, "lower it or raise that")
+        start, end = self.layer_start, self.layer_end
+        if start is not None and end is not None and start >= end:
+            fix = "the range [layer_start, layer_end) must hold at least one layer"
+            raise _bad("layer_start", self.layer_start, f"< --layer_end={self.layer_end}", fix)
+        if not (self.prune_attention or self.prune_mlp):
+            fix = "with both off nothing can be removed"
+            raise _bad("prune_attention", False, "True when --prune_mlp is False", fix)
         if self.distribution is not None:
             d = tuple(self.distribution)
             if len(d) != 2:
                 raise _bad("distribution", self.distribution, "two numbers attention:mlp, e.g. 2:8")
             for part in d:
-                _real("distribution", part, 0.0, math.inf, False, True)
+                _check_real("distribution", part, 0.0, math.inf, False, True)
             if d[0] + d[1] <= 0:
-                raise _bad("distribution", self.distribution, "a positive attention:mlp split",
-                           "e.g. 2:8, or leave it unset for equal rates")
+                fix = "e.g. 2:8, or leave it unset for equal rates"
+                raise _bad("distribution", self.distribution, "a positive attention:mlp split", fix)
             object.__setattr__(self, "distribution", (float(d[0]), float(d[1])))
-        for name in ("prune_attention", "prune_mlp", "allow_attention_removal"):
-            if not isinstance(getattr(self, name), bool):
-                raise _bad(name, getattr(self, name), "True or False")
-        if not (self.prune_attention or self.prune_mlp):
-            raise _bad("prune_attention", False, "attention or MLP pruning enabled",
-                       "with both --prune_attention and --prune_mlp off nothing can be removed")
-        _int("mlp_round_to", self.mlp_round_to, 1)
-        _int("min_mlp_channels", self.min_mlp_channels, 1)
 
 
 @dataclass(frozen=True)
@@ -191,97 +202,31 @@ class Allocation:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Allocation:
         try:
-            return cls(layers=tuple(LayerAllocation(**la) for la in d["layers"]),
-                       params_removed=int(d["params_removed"]), total_params=int(d["total_params"]),
-                       achieved_ratio=float(d["achieved_ratio"]),
-                       target_ratio=float(d["target_ratio"]))
-        except (KeyError, TypeError) as err:
-            raise GQAPruneError(f"not a saved Allocation ({err!r}); expected the keys written "
-                                "by Allocation.to_dict") from err
+            return cls(
+                layers=tuple(LayerAllocation(**la) for la in d["layers"]),
+                params_removed=int(d["params_removed"]),
+                total_params=int(d["total_params"]),
+                achieved_ratio=float(d["achieved_ratio"]),
+                target_ratio=float(d["target_ratio"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise GQAPruneError(
+                f"not a saved Allocation ({err!r}); expected the keys written by Allocation.to_dict"
+            ) from err
 
 
-# --------------------------------------------------------------------------- lattice
-@dataclass(frozen=True)
-class _Layer:
-    """What one prunable layer can remove: whole groups and channels on an allowed grid.
-
-    Removable channel counts ``h`` are 0 and ``inter - m * q`` for ``m`` in ``[mbot, mtop]``
-    (kept = ``m * q``). ``lo``/``hi`` are the min/max-rate bounds in parameters.
-    """
-
-    kv: int
-    inter: int
-    size: int
-    gmax: int
-    q: int
-    mbot: int
-    mtop: int
-    lo: int
-    hi: int
-    ppg: int
-    ppc: int
-
-    @property
-    def hmax(self) -> int:
-        return self.inter - self.mbot * self.q if self.mbot <= self.mtop else 0
-
-    def h_floor(self, x: int) -> int | None:
-        """Largest allowed channel removal <= x."""
-        if x < 0:
-            return None
-        if self.mbot > self.mtop or x < self.inter - self.mtop * self.q:
-            return 0
-        return min(self.hmax, self.inter + ((x - self.inter) // self.q) * self.q)
-
-    def h_ceil(self, x: int) -> int | None:
-        """Smallest allowed channel removal >= x."""
-        if x <= 0:
-            return 0
-        if x > self.hmax:
-            return None
-        return max(self.inter - self.mtop * self.q, self.inter - ((self.inter - x) // self.q) * self.q)
-
-    def v_floor(self, g: int, y: int) -> int | None:
-        h = self.h_floor((y - g * self.ppg) // self.ppc)
-        return None if h is None else g * self.ppg + h * self.ppc
-
-    def v_ceil(self, g: int, y: int) -> int | None:
-        h = self.h_ceil(-((g * self.ppg - y) // self.ppc))
-        return None if h is None else g * self.ppg + h * self.ppc
-
-    def v_next(self, g: int, v: int) -> int | None:
-        return self.v_ceil(g, v + 1)
-
-    def window(self, g: int) -> tuple[int, int] | None:
-        """Removable params with g groups that respect the rate bounds, as (lowest, highest)."""
-        lo, hi = self.v_ceil(g, self.lo), self.v_floor(g, self.hi)
-        return None if lo is None or hi is None or lo > hi else (lo, hi)
-
-
-def _make_layer(geometry: GQAGeometry, config: AllocationConfig, idx: int) -> _Layer:
-    kv, inter = geometry.kv_heads[idx], geometry.intermediate_sizes[idx]
-    size = geometry.attention_params(idx) + geometry.mlp_params(idx)
-    gmax = (kv if config.allow_attention_removal else max(kv - 1, 0)) if config.prune_attention else 0
-    q = config.mlp_round_to
-    mbot, mtop = -(-config.min_mlp_channels // q), (inter - 1) // q
-    if mbot > mtop:  # too small for the grid: round to single channels
-        q, mbot, mtop = 1, config.min_mlp_channels, inter - 1
-    if not config.prune_mlp:
-        mbot, mtop = 1, 0
-    lo = math.ceil(Fraction(config.min_pruning_rate) * size)
-    hi = math.floor(Fraction(config.max_pruning_rate) * size)
-    return _Layer(kv, inter, size, gmax, q, mbot, mtop, lo, hi,
-                  geometry.params_per_group, geometry.params_per_channel)
-
-
-# --------------------------------------------------------------------------- selection
+# --------------------------------------------------------------------------- helpers
 def _check_geometry(geometry: GQAGeometry, n_scores: int, what: str) -> None:
     if n_scores != geometry.num_layers:
-        raise GQAPruneError(f"{what} has {n_scores} entries but the model has "
-                            f"{geometry.num_layers} layers; pass one value per decoder layer")
+        raise GQAPruneError(
+            f"{what} has {n_scores} entries but the model has "
+            f"{geometry.num_layers} layers; pass one value per decoder layer"
+        )
     if geometry.total_params <= 0:
-        raise GQAPruneError(f"geometry.total_params={geometry.total_params}; build the geometry "
-                            "with the model's total parameter count")
+        raise GQAPruneError(
+            f"geometry.total_params={geometry.total_params}; build the geometry "
+            "with the model's total parameter count"
+        )
 
 
 def _prunable(importance: np.ndarray, geometry: GQAGeometry, config: AllocationConfig) -> list[int]:
@@ -290,18 +235,25 @@ def _prunable(importance: np.ndarray, geometry: GQAGeometry, config: AllocationC
     start = 0 if config.layer_start is None else config.layer_start
     end = n if config.layer_end is None else config.layer_end
     if start >= n or end > n or start >= end:
-        raise GQAPruneError(f"--layer_start={config.layer_start} --layer_end={config.layer_end} is "
-                            f"not a non-empty range inside the model's {n} layers; use 0 <= "
-                            f"layer_start < layer_end <= {n}")
+        raise GQAPruneError(
+            f"--layer_start={config.layer_start} --layer_end={config.layer_end} is "
+            f"not a non-empty range inside the model's {n} layers; use 0 <= "
+            f"layer_start < layer_end <= {n}"
+        )
     in_range = list(range(start, end))
     if config.freeze_top_n_layers >= len(in_range):
-        raise GQAPruneError(f"--freeze_top_n_layers={config.freeze_top_n_layers} would freeze all "
-                            f"{len(in_range)} layers in [{start}, {end}); use at most "
-                            f"{len(in_range) - 1} or widen --layer_start/--layer_end")
+        raise GQAPruneError(
+            f"--freeze_top_n_layers={config.freeze_top_n_layers} would freeze all "
+            f"{len(in_range)} layers in [{start}, {end}); use at most "
+            f"{len(in_range) - 1} or widen --layer_start/--layer_end"
+        )
     by_importance = sorted(in_range, key=lambda i: (-importance[i], i))
     frozen = set(by_importance[: config.freeze_top_n_layers])
-    keep = [i for i in in_range if i not in frozen and geometry.attention_params(i)
-            + geometry.mlp_params(i) > 0]
+    keep = [
+        i
+        for i in in_range
+        if i not in frozen and geometry.attention_params(i) + geometry.mlp_params(i) > 0
+    ]
     if not keep:
         raise GQAPruneError(f"no layer in [{start}, {end}) has parameters left to prune")
     return keep
@@ -321,39 +273,190 @@ def _weights(imp: np.ndarray, config: AllocationConfig) -> tuple[np.ndarray, lis
     s = (imp - imp.min()) / span if span > 0 else np.zeros_like(imp)
     sign = {"inverse": -1.0, "proportional": 1.0, "uniform": 0.0}[config.strategy]
     w = np.exp(sign * config.alpha * s)
-    key = {"inverse": lambda k: (imp[k], k), "proportional": lambda k: (-imp[k], k),
-           "uniform": lambda k: (0.0, k)}[config.strategy]
+    key = {
+        "inverse": lambda k: (imp[k], k),
+        "proportional": lambda k: (-imp[k], k),
+        "uniform": lambda k: (0.0, k),
+    }[config.strategy]
     return w, sorted(range(imp.size), key=key)
 
 
-def _solve_scale(base: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float) -> np.ndarray:
-    """clip(c * base, lo, hi) with c >= 0 chosen by bisection so that the sum hits target."""
-    def total(c: float) -> float:
-        return float(np.clip(c * base, lo, hi).sum())
+def _build(
+    geometry: GQAGeometry, config: AllocationConfig, removed: dict[int, tuple[int, int]]
+) -> Allocation:
+    """Allocation from {layer: (groups removed, channels removed)}; other layers untouched."""
+    ppg, ppc = geometry.params_per_group, geometry.params_per_channel
+    out, total = [], 0
+    for i in range(geometry.num_layers):
+        g, h = removed.get(i, (0, 0))
+        kv, inter = geometry.kv_heads[i], geometry.intermediate_sizes[i]
+        params = g * ppg + h * ppc
+        rate = params / (geometry.attention_params(i) + geometry.mlp_params(i) or 1)
+        attn_rate, mlp_rate = g / kv if kv else 0.0, h / inter if inter else 0.0
+        out.append(LayerAllocation(i, kv, kv - g, inter, inter - h, attn_rate, mlp_rate, rate))
+        total += params
+    ratio = total / geometry.total_params
+    return Allocation(tuple(out), total, geometry.total_params, ratio, float(config.pruning_ratio))
 
-    c_hi = 1.0
-    for _ in range(2000):
-        if total(c_hi) >= target:
-            break
-        c_hi *= 2.0
-    c_lo = 0.0
-    for _ in range(200):
-        mid = 0.5 * (c_lo + c_hi)
-        c_lo, c_hi = (mid, c_hi) if total(mid) < target else (c_lo, mid)
-    return np.clip(c_hi * base, lo, hi)
+
+def _pct(params: float, geometry: GQAGeometry) -> str:
+    return f"{params / geometry.total_params:.2%}"
 
 
-def _largest_remainder(x: np.ndarray, n_total: int, lo: np.ndarray, hi: np.ndarray) -> list[int]:
-    """Integers within [lo, hi] summing to n_total, close to x; ties favour earlier positions."""
-    g = np.clip(np.floor(x + 1e-9), lo, hi).astype(int)
-    frac = x - g
-    missing = n_total - int(g.sum())
-    step, order = (1, sorted(range(x.size), key=lambda k: (-frac[k], k))) if missing > 0 else \
-        (-1, sorted(range(x.size), key=lambda k: (frac[k], -k)))
-    for k in order * 2:
-        if missing == 0:
-            break
-        if lo[k] <= g[k] + step <= hi[k]:
-            g[k] += step
-            missing -= step
-    return [int(v) for v in g]
+def allocate(
+    importance: Sequence[float], geometry: GQAGeometry, config: AllocationConfig
+) -> Allocation:
+    """Decide how many KV groups and MLP channels every layer keeps.
+
+    Prunable layers are those in ``[layer_start, layer_end)`` minus the
+    ``freeze_top_n_layers`` most important. With ``s_l`` the min-max normalised importance
+    over prunable layers, ``w_l = exp(-alpha*s_l)`` (inverse), ``exp(alpha*s_l)``
+    (proportional) or ``1`` (uniform), the layer rates are
+    ``rate_l = clip(c * w_l, min_pruning_rate, max_pruning_rate)`` with ``c`` chosen by
+    bisection so that ``sum_l rate_l * P_l = pruning_ratio * total_params`` (``P_l`` = the
+    layer's attention + MLP params). Whole groups are then shared by
+    ``rate_l * kv_heads_l`` (or by ``distribution``), the MLP absorbs the rest, and a
+    greedy fix-up moves single grid steps until the ratio is within +-0.5 %, never giving
+    a layer a higher rate than one the strategy ranks before it (an exact search is the
+    fallback; see the module docstring). The rate bounds and floors hold exactly after
+    rounding; frozen and out-of-range layers are returned untouched.
+
+    Args:
+        importance: one score per decoder layer (higher = more important), shape
+            ``(num_layers,)``.
+        geometry: the model's shapes; ``total_params`` is the ratio's denominator.
+        config: target and constraints.
+
+    Returns:
+        Allocation with ``|achieved_ratio - pruning_ratio| <= 0.005``.
+
+    Raises:
+        GQAPruneError: the constraints cannot reach the target (the message says which
+            and what to change), or the inputs do not match the geometry.
+    """
+    imp = _as_importance(importance, geometry)
+    idx = _prunable(imp, geometry, config)
+    w, local_order = _weights(imp[idx], config)
+    order, w = [idx[k] for k in local_order], w[local_order]  # strategy order: highest w first
+    grids = [grid_of(geometry, config, i) for i in order]
+    target = config.pruning_ratio * geometry.total_params
+    tol = TOLERANCE * geometry.total_params * (1 - 1e-9)
+    wins = [[win for g in range(grid.gmax + 1) if (win := grid.window(g))] for grid in grids]
+    for i, options in zip(order, wins, strict=True):
+        if not options:
+            raise GQAPruneError(
+                f"layer {i}: no whole number of groups and channels removes between "
+                f"{config.min_pruning_rate:.1%} and {config.max_pruning_rate:.1%} of its params; "
+                "widen --min_pruning_rate/--max_pruning_rate or lower --mlp_round_to"
+            )
+    lo = np.array([min(a for a, _ in win) for win in wins], float)
+    hi = np.array([max(b for _, b in win) for win in wins], float)
+    if target - tol > hi.sum():
+        raise GQAPruneError(
+            f"--pruning_ratio={config.pruning_ratio} is out of reach: the {len(idx)} prunable "
+            f"layers can remove at most {_pct(hi.sum(), geometry)} of the parameters (floors: "
+            f"{'0' if config.allow_attention_removal else '1'} KV group, {config.min_mlp_channels} "
+            f"MLP channels, --max_pruning_rate={config.max_pruning_rate}); lower --pruning_ratio, "
+            "widen --layer_start/--layer_end, lower --freeze_top_n_layers or raise "
+            "--max_pruning_rate"
+        )
+    if target + tol < lo.sum():
+        raise GQAPruneError(
+            f"--min_pruning_rate={config.min_pruning_rate} alone removes {_pct(lo.sum(), geometry)}"
+            f" of the parameters, more than --pruning_ratio={config.pruning_ratio}; lower "
+            "--min_pruning_rate or raise --pruning_ratio"
+        )
+    sizes = np.array([grid.size for grid in grids], float)
+    rate = solve_scale(w * sizes, lo, hi, target) / sizes  # the continuous rates rate_l
+    ppg = geometry.params_per_group
+    if not any(grid.hmax for grid in grids):
+        budget = target  # attention only
+    elif config.distribution is not None and config.prune_attention:
+        a, m = config.distribution
+        budget = target * a / (a + m)
+    else:
+        budget = float((rate * [grid.kv for grid in grids]).sum()) * ppg  # same rate as MLP
+    plan: list[tuple[int, int]] | float | bool | None
+    plan = search_groups(grids, w, rate, budget / ppg, target, tol, ordered=True)
+    best = plan if isinstance(plan, float) else 0.0
+    if isinstance(plan, float):  # exact search; order kept among identical layers
+        plan = exact_fit(grids, target, tol, rate * sizes)
+    if plan is False:  # too big for the exact search: drop the order constraint
+        plan = search_groups(grids, w, rate, budget / ppg, target, tol, ordered=False)
+        best = min(best, plan) if isinstance(plan, float) else best
+    if isinstance(plan, list):
+        return _build(geometry, config, dict(zip(order, plan, strict=True)))
+    miss = "never land there" if plan is None else f"miss it by {_pct(best, geometry)} at best"
+    raise GQAPruneError(
+        f"cannot land within +-0.5% of --pruning_ratio={config.pruning_ratio}: whole KV groups "
+        f"({_pct(ppg, geometry)} of the model each) and MLP steps of {config.mlp_round_to} "
+        f"channel(s) {miss}; lower --mlp_round_to or --min_mlp_channels, enable --prune_mlp, "
+        "set --allow_attention_removal or choose a nearby ratio"
+    )
+
+
+def allocate_global(
+    group_scores: Sequence[Sequence[float]],
+    channel_scores: Sequence[Sequence[float]],
+    geometry: GQAGeometry,
+    config: AllocationConfig,
+    *,
+    importance: Sequence[float] | None = None,
+) -> Allocation:
+    """``--pruning_mode global``: remove the cheapest units of all prunable layers.
+
+    A unit is one GQA group or one MLP step (a channel, or the channels between two
+    allowed kept counts with ``mlp_round_to``) of a prunable layer, priced
+    ``score / params removed``. Within a layer units go lowest score first, so the caller
+    removes each layer's lowest-scored groups and channels. First every layer takes its
+    own cheapest units up to ``min_pruning_rate``; then units are taken cheapest first
+    (greedy knapsack) until the target is reached. A unit that would overshoot the target
+    by more than 0.5 % or lift its layer above ``max_pruning_rate`` is skipped with the
+    rest of its layer's queue. ``distribution=(a, m)`` is honoured: groups are taken first
+    up to ``round(a/(a+m) * target / params_per_group)``, then channels, then (only if
+    still short) anything. Floors, range, freezing, ``prune_attention``/``prune_mlp`` and
+    ``mlp_round_to`` apply as in :func:`allocate`; ``strategy`` and ``alpha`` do not.
+
+    Args:
+        group_scores: per layer one score per KV group, ``(num_layers, kv_heads_l)``.
+        channel_scores: per layer one score per MLP channel, ``(num_layers, intermediate_l)``.
+        geometry: the model's shapes.
+        config: target and constraints.
+        importance: per-layer importance ``(num_layers,)``, needed for
+            ``freeze_top_n_layers`` (the highest values are frozen).
+
+    Returns:
+        Allocation with ``|achieved_ratio - pruning_ratio| <= 0.005``.
+    """
+    for name, given in (("group_scores", group_scores), ("channel_scores", channel_scores)):
+        _check_geometry(geometry, len(given), name)
+    if importance is None and config.freeze_top_n_layers:
+        raise GQAPruneError(
+            f"--freeze_top_n_layers={config.freeze_top_n_layers} needs the layer "
+            "importance; pass importance= or set it to 0"
+        )
+    imp = _as_importance(
+        [0.0] * geometry.num_layers if importance is None else importance, geometry
+    )
+    grids = {i: grid_of(geometry, config, i) for i in _prunable(imp, geometry, config)}
+    target = config.pruning_ratio * geometry.total_params
+    tol = TOLERANCE * geometry.total_params * (1 - 1e-9)
+    goal = None
+    if config.distribution is not None and config.prune_attention and config.prune_mlp:
+        a, m = config.distribution
+        goal = round(target * a / (a + m) / geometry.params_per_group) * geometry.params_per_group
+    per_layer = {i: (group_scores[i], channel_scores[i]) for i in grids}
+    removed, total, short = remove_cheapest(grids, per_layer, target, tol, goal)
+    if short is not None:
+        raise GQAPruneError(
+            f"layer {short} cannot reach --min_pruning_rate={config.min_pruning_rate} within its "
+            f"floors and --max_pruning_rate={config.max_pruning_rate}; lower --min_pruning_rate"
+        )
+    if abs(total - target) > tol:
+        raise GQAPruneError(
+            f"global pruning reaches {_pct(total, geometry)} instead of --pruning_ratio="
+            f"{config.pruning_ratio} (+-0.5%): the prunable units run out or are too coarse; "
+            "lower --pruning_ratio, widen --layer_start/--layer_end, raise --max_pruning_rate "
+            "or lower --mlp_round_to"
+        )
+    return _build(geometry, config, removed)

@@ -11,7 +11,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from gqa_prune.config import IMPORTANCE_CRITERIA, LAYER_IMPORTANCE_METHODS, STRATEGIES, RunConfig
+from gqa_prune.config import (
+    AGGREGATIONS,
+    IMPORTANCE_CRITERIA,
+    LAYER_IMPORTANCE_METHODS,
+    PRUNING_MODES,
+    STRATEGIES,
+    RunConfig,
+)
 from gqa_prune.errors import GQAPruneError
 
 
@@ -57,11 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("1. layer importance")
     g.add_argument("--layer_importance_method", default=d.layer_importance_method,
                    choices=LAYER_IMPORTANCE_METHODS)
-    g.add_argument("--layer_importance_samples", type=int, default=d.layer_importance_samples)
+    g.add_argument("--layer_importance_samples", type=int, default=d.layer_importance_samples,
+                   help="calibration sequences (of --taylor_seq_len tokens) for layer importance")
+    g.add_argument("--skip_importance_analysis", action="store_true",
+                   help="reuse a saved layer importance (needs --layer_importance_config)")
+    g.add_argument("--layer_importance_config", default=None,
+                   help="layer_importance_config.json to reuse")
 
     g = p.add_argument_group("2. per-layer allocation")
     g.add_argument("--pruning_ratio", type=float, default=d.pruning_ratio,
                    help="fraction of TOTAL parameters to remove (embeddings count)")
+    g.add_argument("--pruning_mode", default=d.pruning_mode, choices=PRUNING_MODES,
+                   help="layer: per-layer budgets from layer importance; global: cheapest "
+                        "units across layers by score per parameter")
     g.add_argument("--pruning_strategy", default=d.pruning_strategy, choices=STRATEGIES)
     g.add_argument("--alpha", "--layer_importance_weight", dest="alpha", type=float,
                    default=d.alpha, help="strength of the importance weighting")
@@ -77,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prune_mlp", action="store_true", help="prune MLP channels too")
 
     g = p.add_argument_group("3. unit importance")
-    g.add_argument("--importance", default=d.importance, choices=IMPORTANCE_CRITERIA)
+    g.add_argument("--importance", default=d.importance, choices=IMPORTANCE_CRITERIA,
+                   help="score of a GQA group / MLP channel")
+    g.add_argument("--aggregation", default=d.aggregation, choices=AGGREGATIONS,
+                   help="how a unit's element scores combine")
     g.add_argument("--channel_importance_samples", type=int, default=d.channel_importance_samples,
                    help="calibration sequences for the Taylor gradients")
     g.add_argument("--taylor_seq_len", type=int, default=d.taylor_seq_len)

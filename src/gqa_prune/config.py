@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from gqa_prune.analysis import layer_importance_methods
 from gqa_prune.errors import GQAPruneError
+from gqa_prune.importance import AGGREGATIONS
+from gqa_prune.importance import CRITERIA as IMPORTANCE_CRITERIA
+
+LAYER_IMPORTANCE_METHODS = layer_importance_methods()
 
 STRATEGIES = ("inverse", "proportional", "uniform")
-IMPORTANCE_CRITERIA = ("taylor",)
-LAYER_IMPORTANCE_METHODS = ("removal", "activation", "block_influence", "none")
+PRUNING_MODES = ("layer", "global")
 
 
 def parse_distribution(text: str | None) -> tuple[float, float] | None:
@@ -49,11 +53,15 @@ class RunConfig:
     mlp_round_to: int = 1
     prune_mlp: bool = False
     importance: str = "taylor"
+    aggregation: str = "sum"
     channel_importance_samples: int = 32
     taylor_seq_len: int = 128
     taylor_batch_size: int = 4
-    layer_importance_method: str = "none"
+    layer_importance_method: str = "removal"
     layer_importance_samples: int = 16
+    skip_importance_analysis: bool = False
+    layer_importance_config: str | None = None
+    pruning_mode: str = "layer"
     calibration_dataset: str = "wikitext2"
     eval_dataset: str = "wikitext2"
     eval_seq_len: int = 128
@@ -92,6 +100,19 @@ class RunConfig:
             raise GQAPruneError(
                 f"unknown --importance '{self.importance}'; choose one of "
                 f"{', '.join(IMPORTANCE_CRITERIA)}"
+            )
+        if self.pruning_mode not in PRUNING_MODES:
+            raise GQAPruneError(
+                f"unknown --pruning_mode '{self.pruning_mode}'; choose one of {', '.join(PRUNING_MODES)}"
+            )
+        if self.skip_importance_analysis and not self.layer_importance_config:
+            raise GQAPruneError(
+                "--skip_importance_analysis needs --layer_importance_config PATH (a "
+                "layer_importance_config.json from an earlier run)"
+            )
+        if self.aggregation not in AGGREGATIONS:
+            raise GQAPruneError(
+                f"unknown --aggregation '{self.aggregation}'; choose one of {', '.join(AGGREGATIONS)}"
             )
         if self.layer_importance_method not in LAYER_IMPORTANCE_METHODS:
             raise GQAPruneError(

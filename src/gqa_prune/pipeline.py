@@ -5,19 +5,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from gqa_prune.allocation import Allocation, AllocationConfig, allocate
+from gqa_prune.allocation import Allocation, AllocationConfig, allocate, allocate_global
 from gqa_prune.errors import GQAPruneError
-from gqa_prune.importance import UnitScores, collect_taylor_scores
+from gqa_prune.importance import UnitScores, compute_unit_scores
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.geometry import GQAGeometry
 from gqa_prune.plan import LayerPlan, PruningPlan
 from gqa_prune.slicing import apply_plan_
 
 log = logging.getLogger(__name__)
+
+PruningMode = Literal["layer", "global"]
+PRUNING_MODES: tuple[str, ...] = ("layer", "global")
 
 
 def select_gqa_groups_to_prune(
@@ -60,6 +64,7 @@ class PruneOutcome:
     allocation: Allocation
     before: GQAGeometry
     after: GQAGeometry
+    scores: UnitScores
 
 
 def prune_model_(
@@ -67,7 +72,11 @@ def prune_model_(
     calibration_ids: torch.Tensor,
     allocation_config: AllocationConfig,
     layer_importance: Sequence[float] | None = None,
+    criterion: str = "taylor",
+    aggregation: str = "sum",
+    mode: PruningMode = "layer",
     batch_size: int = 1,
+    seed: int = 0,
     progress: bool = True,
 ) -> PruneOutcome:
     """Prune ``model`` in place to remove ``allocation_config.pruning_ratio`` of its parameters.
@@ -77,23 +86,39 @@ def prune_model_(
         calibration_ids: ``(num_samples, seq_len)`` calibration tokens (non-test split).
         allocation_config: target, strategy and constraints of the per-layer allocation.
         layer_importance: one score per layer (higher = more important); None = all equal.
+        criterion: unit importance criterion (see ``gqa_prune.importance.CRITERIA``).
+        aggregation: how a unit's element scores combine (``sum``, ``mean``, ``max``).
+        mode: ``layer`` = per-layer budgets from layer importance (``allocate``);
+            ``global`` = cheapest units across all layers by score per parameter
+            (``allocate_global``), with the same floors, frozen layers and range.
         batch_size: calibration samples per forward/backward.
+        seed: seed of the ``random`` criterion.
     """
     adapter = get_adapter(model)
     before = adapter.geometry(model)
     importance = list(layer_importance) if layer_importance is not None else [1.0] * before.num_layers
-    allocation = allocate(importance, before, allocation_config)
+    if mode not in PRUNING_MODES:
+        raise GQAPruneError(f"unknown pruning mode '{mode}'; choose one of {', '.join(PRUNING_MODES)}")
+    if mode == "layer":  # fail fast on an impossible target, before the costly scoring
+        allocation = allocate(importance, before, allocation_config)
+    scores = compute_unit_scores(
+        model, calibration_ids, criterion, aggregation, batch_size, seed, progress
+    )
+    if mode == "global":
+        allocation = allocate_global(
+            scores.groups, scores.channels, before, allocation_config, importance=importance
+        )
     log.info(
-        "allocation: remove %.2f%% of %d parameters (target %.2f%%)",
+        "allocation (%s): remove %.2f%% of %d parameters (target %.2f%%)",
+        mode,
         100 * allocation.achieved_ratio,
         before.total_params,
         100 * allocation.target_ratio,
     )
-    scores = collect_taylor_scores(model, calibration_ids, batch_size=batch_size, progress=progress)
     plan = build_plan(scores, allocation, before)
     after = apply_plan_(model, plan)
     check_finite_logits(model, calibration_ids[:1], step="after pruning")
-    return PruneOutcome(plan=plan, allocation=allocation, before=before, after=after)
+    return PruneOutcome(plan, allocation, before, after, scores)
 
 
 @torch.no_grad()

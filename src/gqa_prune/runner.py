@@ -9,7 +9,15 @@ from typing import Any
 
 import torch
 
-from gqa_prune.allocation import AllocationConfig
+from gqa_prune.allocation import AllocationConfig, allocate
+from gqa_prune.analysis import (
+    FILE_NAME as LAYER_IMPORTANCE_FILE,
+)
+from gqa_prune.analysis import (
+    LayerImportance,
+    compute_layer_importance,
+    load_layer_importance,
+)
 from gqa_prune.config import RunConfig
 from gqa_prune.data import load_text, sample_calibration, tokenize_text
 from gqa_prune.errors import GQAPruneError
@@ -21,6 +29,7 @@ from gqa_prune.models.geometry import GQAGeometry, heads_from_config
 from gqa_prune.models.loading import load_model
 from gqa_prune.pipeline import PruneOutcome, prune_model_
 from gqa_prune.reporting.experiment import ExperimentDir, setup_logging
+from gqa_prune.reporting.plots import plot_pruning_strategy
 
 log = logging.getLogger("gqa_prune.runner")
 
@@ -38,6 +47,59 @@ def check_declared_geometry(config: RunConfig, model_config: Any) -> None:
             f"--head_dim {config.head_dim} contradicts the model config (head_dim {head_dim}); "
             "drop the flag, it is read from the config"
         )
+
+
+def check_layer_settings(config: RunConfig, num_layers: int) -> None:
+    """Layer range and freeze count must fit the model's number of layers."""
+    if config.layer_start is not None and config.layer_start >= num_layers:
+        raise GQAPruneError(
+            f"--layer_start {config.layer_start} is out of range: the model has {num_layers} "
+            f"layers (0..{num_layers - 1})"
+        )
+    if config.layer_end is not None and config.layer_end > num_layers:
+        raise GQAPruneError(
+            f"--layer_end {config.layer_end} is out of range: the model has {num_layers} layers; "
+            f"use at most {num_layers}"
+        )
+    if config.freeze_top_n_layers >= num_layers:
+        raise GQAPruneError(
+            f"--freeze_top_n_layers {config.freeze_top_n_layers} freezes every layer of "
+            f"{num_layers}; use fewer than {num_layers}"
+        )
+
+
+def layer_importance_step(
+    config: RunConfig, exp: ExperimentDir, model: Any, tokens: torch.Tensor
+) -> LayerImportance:
+    """Reuse the cached file of an earlier (interrupted) run with the same settings, or measure."""
+    cached = exp.path(LAYER_IMPORTANCE_FILE)
+    if cached.is_file():
+        try:
+            result = load_layer_importance(cached, model)
+        except GQAPruneError as exc:
+            log.warning("ignoring the cached layer importance: %s", exc)
+        else:
+            same = (result.method, result.num_samples, result.seq_len) == (
+                config.layer_importance_method,
+                config.layer_importance_samples,
+                config.taylor_seq_len,
+            )
+            if same:
+                log.info("layer importance: reusing the cached %s from an earlier run", cached)
+                return result
+    ids = sample_calibration(
+        tokens, config.layer_importance_samples, config.taylor_seq_len, config.seed + 1
+    )
+    log.info(
+        "layer importance: %s on %d x %d calibration tokens",
+        config.layer_importance_method,
+        *ids.shape,
+    )
+    result = compute_layer_importance(
+        model, ids, config.layer_importance_method, batch_size=config.taylor_batch_size  # type: ignore[arg-type]
+    )
+    result.save(cached)
+    return result
 
 
 def allocation_config(config: RunConfig) -> AllocationConfig:
@@ -105,54 +167,94 @@ def build_summary(
 def run_experiment(config: RunConfig) -> dict[str, Any]:
     """Run one experiment and write its folder; returns ``summary.json``'s content."""
     exp = ExperimentDir(config)
-    exp.prepare()
-    setup_logging(exp.run_dir / "training.log")
+    exp.check_overwrite()
+    setup_logging(None)
     timings: dict[str, float] = {}
     torch.manual_seed(config.seed)
 
     t0 = time.perf_counter()
     log.info("loading %s", config.base_model)
     model, tokenizer = load_model(config.base_model, dtype=config.dtype, device=config.device)
-    get_adapter(model)
+    adapter = get_adapter(model)
     check_declared_geometry(config, model.config)
+    check_layer_settings(config, len(adapter.decoder_layers(model)))
     timings["load"] = time.perf_counter() - t0
 
-    calib_tokens = tokenize_text(tokenizer, load_text(config.calibration_dataset, "calibration", config.data_dir))
+    calib_text = load_text(config.calibration_dataset, "calibration", config.data_dir)
+    calib_tokens = tokenize_text(tokenizer, calib_text)
     calibration = sample_calibration(
         calib_tokens, config.channel_importance_samples, config.taylor_seq_len, config.seed
     )
     eval_tokens = None
     if config.test_original_ppl or config.test_after_prune:
-        eval_tokens = tokenize_text(tokenizer, load_text(config.eval_dataset, "eval", config.data_dir))
+        eval_text = load_text(config.eval_dataset, "eval", config.data_dir)
+        eval_tokens = tokenize_text(tokenizer, eval_text)
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos is not None and config.eval_seq_len > max_pos:
+            raise GQAPruneError(
+                f"--eval_seq_len {config.eval_seq_len} exceeds the model's maximum of {max_pos} "
+                f"positions; use {max_pos} or less"
+            )
 
-    def perplexity() -> PerplexityResult:
-        assert eval_tokens is not None
+    given_importance = None
+    if config.skip_importance_analysis:
+        given_importance = load_layer_importance(str(config.layer_importance_config), model)
+    # every input is checked before anything is written: a dry run of the allocation with
+    # equal layer importance refuses an unreachable target now, not after the analysis
+    allocate([1.0] * len(adapter.decoder_layers(model)), adapter.geometry(model), allocation_config(config))
+    exp.prepare()
+    setup_logging(exp.run_dir / "training.log")
+
+    def perplexity(tokens: torch.Tensor) -> PerplexityResult:
         return evaluate_perplexity(
             model,
-            eval_tokens,
+            tokens,
             seq_len=config.eval_seq_len,
             max_windows=config.eval_max_windows,
             batch_size=config.eval_batch_size,
             dataset=config.eval_dataset,
         )
 
+    t0 = time.perf_counter()
+    if given_importance is not None:
+        importance = given_importance
+        log.info("layer importance: reusing %s (%s)", config.layer_importance_config, importance.method)
+        importance.save(exp.path(LAYER_IMPORTANCE_FILE))
+    else:
+        importance = layer_importance_step(config, exp, model, calib_tokens)
+    timings["layer_importance"] = time.perf_counter() - t0
+
     ppl: dict[str, PerplexityResult] = {}
-    if config.test_original_ppl:
+    if config.test_original_ppl and eval_tokens is not None:
         t0 = time.perf_counter()
-        ppl["before"] = perplexity()
+        ppl["before"] = perplexity(eval_tokens)
         timings["eval_before"] = time.perf_counter() - t0
         log.info("perplexity before pruning: %.3f", ppl["before"].ppl)
 
     t0 = time.perf_counter()
     outcome = prune_model_(
-        model, calibration, allocation_config(config), batch_size=config.taylor_batch_size
+        model,
+        calibration,
+        allocation_config(config),
+        layer_importance=importance.scores,
+        criterion=config.importance,
+        aggregation=config.aggregation,
+        mode=config.pruning_mode,  # type: ignore[arg-type]
+        batch_size=config.taylor_batch_size,
+        seed=config.seed,
     )
     timings["prune"] = time.perf_counter() - t0
     outcome.plan.save(exp.path("pruning_plan.json"))
+    plot_pruning_strategy(
+        exp.path("pruning_strategy.png"),
+        outcome.allocation,
+        importance.scores,
+        title=f"{config.base_model}: {config.pruning_strategy}, {importance.method} importance",
+    )
 
-    if config.test_after_prune:
+    if config.test_after_prune and eval_tokens is not None:
         t0 = time.perf_counter()
-        ppl["after"] = perplexity()
+        ppl["after"] = perplexity(eval_tokens)
         timings["eval_after"] = time.perf_counter() - t0
         log.info("perplexity after pruning: %.3f", ppl["after"].ppl)
 
@@ -163,5 +265,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         log.info("saved the pruned model to %s", exp.model_dir)
 
     summary = build_summary(config, outcome, ppl, timings)
+    summary["layer_importance"] = {"method": importance.method, "scores": list(importance.scores)}
+    summary["allocation"] = outcome.allocation.to_dict()
     write_json_atomic(exp.path("summary.json"), summary)
     return summary

@@ -3,13 +3,19 @@
 A GQA group ``g`` owns q rows ``[g*r*d, (g+1)*r*d)``, k and v rows ``[g*d, (g+1)*d)``
 (and those bias entries) and o_proj columns ``[g*r*d, (g+1)*r*d)``. An MLP channel
 ``c`` owns gate row ``c``, up row ``c`` (and their bias entries) and down column ``c``.
+These are exactly the parameters slicing removes with the unit.
+
+A criterion supplies an element-wise score (same shape as each parameter); the unit's
+score is the ``sum`` (default), ``mean`` or ``max`` of its elements' scores. ``mean``
+does not favour units with more parameters; ``max`` keeps a unit if any one weight in
+it matters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast, get_args
 
 import torch
 from torch import nn
@@ -18,11 +24,11 @@ from gqa_prune.errors import GQAPruneError
 from gqa_prune.models.adapters import ADAPTERS, ArchitectureAdapter
 
 Aggregation = Literal["sum", "mean", "max"]
-AGGREGATIONS: tuple[str, ...] = ("sum", "mean", "max")
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 
 # score_fn(param, kind) -> element-wise fp32 scores of the same shape as param.
 # kind is "weight" or "bias".
-ElementScore = Callable[[nn.Parameter, str], torch.Tensor]
+ElementScore = Callable[[torch.Tensor, str], torch.Tensor]
 
 
 @dataclass
@@ -38,10 +44,14 @@ class UnitScores:
     channels: list[torch.Tensor]
 
     def add_(self, other: UnitScores) -> None:
-        for mine, theirs in zip(self.groups + self.channels, other.groups + other.channels, strict=True):
+        """Add ``other``'s scores to these, in place (accumulation over batches)."""
+        for mine, theirs in zip(
+            self.groups + self.channels, other.groups + other.channels, strict=True
+        ):
             mine += theirs
 
     def check_finite(self, step: str) -> None:
+        """Raise a :class:`GQAPruneError` naming ``step`` if any score is NaN or inf."""
         for i, (g, c) in enumerate(zip(self.groups, self.channels, strict=True)):
             if not (torch.isfinite(g).all() and torch.isfinite(c).all()):
                 raise GQAPruneError(
@@ -50,14 +60,22 @@ class UnitScores:
                 )
 
 
+def check_aggregation(aggregation: str) -> None:
+    """Raise a :class:`GQAPruneError` listing the valid names unless ``aggregation`` is one."""
+    if aggregation not in AGGREGATIONS:
+        raise GQAPruneError(
+            f"unknown aggregation '{aggregation}'; choose one of: {', '.join(AGGREGATIONS)}"
+        )
+
+
 def _aggregate(rows: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """``(units, elements)`` -> ``(units,)``."""
+    check_aggregation(aggregation)
     if aggregation == "sum":
         return rows.sum(dim=1)
     if aggregation == "mean":
         return rows.mean(dim=1)
-    if aggregation == "max":
-        return rows.amax(dim=1)
-    raise GQAPruneError(f"unknown aggregation '{aggregation}'; choose one of {AGGREGATIONS}")
+    return rows.amax(dim=1)
 
 
 def compute_gqa_group_importance(
@@ -79,14 +97,17 @@ def compute_gqa_group_importance(
     """
     attn = adapter.attention(layer)
     q, k, v, o = adapter.attention_projections(layer)
-    d = int(attn.head_dim)
+    d = int(cast(int, attn.head_dim))
     n_kv = k.out_features // d
     parts = [
         score_fn(q.weight, "weight").reshape(n_kv, -1),
         score_fn(k.weight, "weight").reshape(n_kv, -1),
         score_fn(v.weight, "weight").reshape(n_kv, -1),
         # o_proj columns: (hidden, n_kv * r * d) -> (n_kv, hidden * r * d)
-        score_fn(o.weight, "weight").reshape(o.out_features, n_kv, -1).transpose(0, 1).reshape(n_kv, -1),
+        score_fn(o.weight, "weight")
+        .reshape(o.out_features, n_kv, -1)
+        .transpose(0, 1)
+        .reshape(n_kv, -1),
     ]
     parts += [score_fn(p.bias, "bias").reshape(n_kv, -1) for p in (q, k, v) if p.bias is not None]
     return _aggregate(torch.cat([p.float() for p in parts], dim=1), aggregation).cpu()
@@ -116,9 +137,11 @@ def compute_mlp_channel_importance(
 def layer_unit_scores(
     model: nn.Module, adapter: ArchitectureAdapter, score_fn: ElementScore, aggregation: Aggregation
 ) -> UnitScores:
-    """Apply both reductions to every decoder layer."""
+    """Apply both reductions to every decoder layer of ``model``."""
     layers = adapter.decoder_layers(model)
     return UnitScores(
         groups=[compute_gqa_group_importance(ly, score_fn, aggregation, adapter) for ly in layers],
-        channels=[compute_mlp_channel_importance(ly, score_fn, aggregation, adapter) for ly in layers],
+        channels=[
+            compute_mlp_channel_importance(ly, score_fn, aggregation, adapter) for ly in layers
+        ],
     )

@@ -14,6 +14,7 @@ Layout::
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 import time
@@ -35,13 +36,25 @@ class ExperimentDir:
         self.model_dir = self.root / "model"
         self.config = config
 
-    def prepare(self) -> None:
-        """Create the folders; refuse to replace a saved model without ``overwrite``."""
+    def check_overwrite(self) -> None:
+        """Refuse to replace a saved model without ``overwrite``; check the folder is writable."""
         if self.model_dir.exists() and self.config.save_model and not self.config.overwrite:
             raise GQAPruneError(
                 f"experiment '{self.root}' already holds a saved model; pass --overwrite or "
                 "choose another --save_ckpt_log_name"
             )
+        parent = self.root
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise GQAPruneError(
+                f"cannot write the experiment folder {self.root}: {parent} is not a writable "
+                "folder; choose another --log_root"
+            )
+
+    def prepare(self) -> None:
+        """Create the folders and write description.txt and train.sh."""
+        self.check_overwrite()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

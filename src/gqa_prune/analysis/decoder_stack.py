@@ -1,0 +1,195 @@
+"""Run a decoder stack layer by layer, independently of the transformers version.
+
+transformers changes what a model passes to its decoder layers (causal masks, rotary
+position embeddings, cache objects) and what a layer returns (a tuple in 4.x, a tensor in
+5.x). Rather than rebuild those arguments, we *record* them from one ordinary forward with
+forward pre-hooks (``with_kwargs=True``, public torch API) and replay them::
+
+    ids -> embed -> [layer 0] -> [layer 1] -> ... -> [layer n-1] -> norm -> lm_head -> logits
+                 ^            ^                   ^             ^
+             inputs[0]    inputs[1]          inputs[n-1]      output
+
+With the boundary states stored, "the network without layer l" is the *suffix*
+``layers[l+1:] -> norm -> lm_head`` applied to ``inputs[l]``: no prefix is recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gqa_prune.errors import GQAPruneError
+from gqa_prune.models.adapters import get_adapter
+
+# TODO(adapter): the final norm's location belongs in ArchitectureAdapter (e.g. a
+# ``final_norm_attr``); it is "model.norm" for every family the adapter supports today.
+_FINAL_NORM_PATH = "model.norm"
+# Largest logits block materialised at once (elements; 2**26 fp32 = 256 MiB).
+_LOGITS_BUDGET = 2**26
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """The arguments a model passed to one decoder layer, besides the hidden states."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StackTrace:
+    """Boundary hidden states of one batch, and how each layer was called.
+
+    Attributes:
+        inputs: ``inputs[l]`` are the hidden states entering layer ``l``, shape (B, L, H).
+        calls: the recorded call arguments of each layer (masks, position embeddings ...).
+        output: hidden states leaving the last layer (before the final norm), (B, L, H).
+    """
+
+    inputs: list[torch.Tensor]
+    calls: list[LayerCall]
+    output: torch.Tensor
+
+    def layer_output(self, layer: int) -> torch.Tensor:
+        """Hidden states leaving ``layer`` (= those entering ``layer + 1``), (B, L, H)."""
+        return self.inputs[layer + 1] if layer + 1 < len(self.inputs) else self.output
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end the recording forward before the final norm and lm_head."""
+
+
+def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, LayerCall]:
+    if args:
+        return args[0], LayerCall(tuple(args[1:]), dict(kwargs))
+    if "hidden_states" in kwargs:
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return kwargs["hidden_states"], LayerCall((), rest)
+    raise GQAPruneError(
+        "could not find the hidden states among a decoder layer's arguments "
+        f"(keyword arguments: {sorted(kwargs)}); this model family is not supported"
+    )
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden states in a decoder layer's output: a tensor, or a tuple's first item."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise GQAPruneError(
+        f"a decoder layer returned {type(output).__name__}; expected a tensor or a tuple "
+        "whose first item is the hidden states"
+    )
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Device of the input embeddings, where token ids must go."""
+    return model.get_input_embeddings().weight.device
+
+
+def trace_decoder_stack(model: nn.Module, input_ids: torch.Tensor) -> StackTrace:
+    """One ordinary forward of ``model`` that records every layer's input and arguments.
+
+    The forward stops after the last decoder layer (the final norm and lm_head do not run).
+
+    Args:
+        model: causal LM whose decoder layers the adapter can find.
+        input_ids: token ids, shape (B, L), already on the model's device.
+    """
+    layers = get_adapter(model).decoder_layers(model)
+    inputs: list[torch.Tensor] = []
+    calls: list[LayerCall] = []
+    output: list[torch.Tensor] = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden, call = _split_hidden(args, kwargs)
+        inputs.append(hidden)
+        calls.append(call)
+
+    def stop(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        output.append(hidden_of(out))
+        raise _StopForward
+
+    handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    handles.append(layers[-1].register_forward_hook(stop, with_kwargs=True))
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(inputs) != len(layers) or not output:
+        raise GQAPruneError(
+            f"the model's forward called {len(inputs)} of its {len(layers)} decoder layers; "
+            "layer importance needs every layer to run once per forward"
+        )
+    return StackTrace(inputs=inputs, calls=calls, output=output[0])
+
+
+def run_layers(
+    layers: Sequence[nn.Module], calls: Sequence[LayerCall], hidden: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Run ``layers[start:]`` on ``hidden`` with the recorded arguments; (B, L, H) -> (B, L, H)."""
+    for layer, call in zip(layers[start:], calls[start:], strict=True):
+        hidden = hidden_of(layer(hidden, *call.args, **call.kwargs))
+    return hidden
+
+
+class OutputHead(nn.Module):
+    """Final norm followed by the LM head: (B, L, H) hidden states -> (B, L, V) logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.norm = final_norm(model)
+        self.lm_head = model.get_output_embeddings()
+        if self.lm_head is None:
+            raise GQAPruneError(
+                f"{type(model).__name__} has no output embeddings (lm_head); layer importance "
+                "needs a causal LM (AutoModelForCausalLM), not a bare decoder"
+            )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last decoder layer (``model.model.norm`` for Llama)."""
+    obj: Any = model
+    for part in _FINAL_NORM_PATH.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise GQAPruneError(
+                f"{type(model).__name__} has no final norm '{_FINAL_NORM_PATH}'; expected a "
+                "Llama-style causal LM (AutoModelForCausalLM)"
+            )
+    return obj
+
+
+def next_token_nll(head: OutputHead, hidden: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """Sum over all predicted tokens of the next-token NLL, accumulated in fp32/fp64.
+
+    Position ``t`` predicts token ``t + 1``; logits are built a few rows at a time so a
+    large vocabulary never needs the full (B, L, V) block.
+
+    Args:
+        head: final norm + LM head.
+        hidden: last-layer hidden states, shape (B, L, H).
+        input_ids: token ids, shape (B, L); the targets are ``input_ids[:, 1:]``.
+    """
+    n, length, _ = hidden.shape
+    vocab = head.lm_head.weight.shape[0]
+    rows = max(1, _LOGITS_BUDGET // max(1, (length - 1) * vocab))
+    total = 0.0
+    for start in range(0, n, rows):
+        logits = head(hidden[start : start + rows, :-1]).float()
+        targets = input_ids[start : start + rows, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), reduction="sum")
+        total += float(nll)
+    return total
