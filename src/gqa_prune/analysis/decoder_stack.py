@@ -90,7 +90,8 @@ def hidden_of(output: Any) -> torch.Tensor:
 
 def input_device(model: nn.Module) -> torch.device:
     """Device of the input embeddings, where token ids must go."""
-    return model.get_input_embeddings().weight.device
+    hf_model: Any = model  # a transformers PreTrainedModel; nn.Module lacks the method
+    return hf_model.get_input_embeddings().weight.device
 
 
 def trace_decoder_stack(model: nn.Module, input_ids: torch.Tensor) -> StackTrace:
@@ -134,7 +135,10 @@ def trace_decoder_stack(model: nn.Module, input_ids: torch.Tensor) -> StackTrace
 
 
 def run_layers(
-    layers: Sequence[nn.Module], calls: Sequence[LayerCall], hidden: torch.Tensor, start: int
+    layers: nn.ModuleList | Sequence[nn.Module],
+    calls: Sequence[LayerCall],
+    hidden: torch.Tensor,
+    start: int,
 ) -> torch.Tensor:
     """Run ``layers[start:]`` on ``hidden`` with the recorded arguments; (B, L, H) -> (B, L, H)."""
     for layer, call in zip(layers[start:], calls[start:], strict=True):
@@ -142,20 +146,21 @@ def run_layers(
     return hidden
 
 
-class OutputHead(nn.Module):
+class OutputHead:
     """Final norm followed by the LM head: (B, L, H) hidden states -> (B, L, V) logits."""
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__()
         self.norm = final_norm(model)
-        self.lm_head = model.get_output_embeddings()
-        if self.lm_head is None:
+        hf_model: Any = model  # a transformers PreTrainedModel; nn.Module lacks the method
+        lm_head = hf_model.get_output_embeddings()
+        if lm_head is None:
             raise GQAPruneError(
                 f"{type(model).__name__} has no output embeddings (lm_head); layer importance "
                 "needs a causal LM (AutoModelForCausalLM), not a bare decoder"
             )
+        self.lm_head: Any = lm_head
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))
 
 
@@ -184,7 +189,7 @@ def next_token_nll(head: OutputHead, hidden: torch.Tensor, input_ids: torch.Tens
         input_ids: token ids, shape (B, L); the targets are ``input_ids[:, 1:]``.
     """
     n, length, _ = hidden.shape
-    vocab = head.lm_head.weight.shape[0]
+    vocab = int(head.lm_head.weight.shape[0])
     rows = max(1, _LOGITS_BUDGET // max(1, (length - 1) * vocab))
     total = 0.0
     for start in range(0, n, rows):

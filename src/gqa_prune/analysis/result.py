@@ -40,7 +40,7 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
         present), ``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``,
         ``intermediate_size``.
     """
-    config = model.config
+    config: Any = model.config
     n_q, n_kv, _ = heads_from_config(config)
     return {
         "name_or_path": str(getattr(config, "name_or_path", "") or ""),

@@ -72,6 +72,18 @@ class ExperimentDir:
         return self.root / name
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (it may be replaced, e.g. by tests)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # the stream is always the current sys.stderr
+        pass
+
+
 def setup_logging(log_file: Path | None = None, verbose: bool = True) -> logging.Logger:
     """Log to the console and (optionally) to ``log_file`` through the standard logging module."""
     logger = logging.getLogger(LOGGER_NAME)
@@ -80,7 +92,7 @@ def setup_logging(log_file: Path | None = None, verbose: bool = True) -> logging
         logger.removeHandler(handler)
         handler.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
+    console = _CurrentStderrHandler()
     console.setFormatter(fmt)
     console.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.addHandler(console)
