@@ -17,6 +17,7 @@ def tiny_config(kind: str = "llama4", **overrides):
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
+    base.update(overrides)
     if kind == "llama4":
         cfg = LlamaConfig(**base, num_attention_heads=8, num_key_value_heads=2, head_dim=8)
     elif kind == "llama3":
@@ -27,8 +28,6 @@ def tiny_config(kind: str = "llama4", **overrides):
         cfg = Qwen2Config(**base, num_attention_heads=6, num_key_value_heads=3, head_dim=8)
     else:
         raise ValueError(kind)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
     return cfg
 
 

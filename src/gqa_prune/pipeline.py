@@ -11,6 +11,12 @@ import torch
 from torch import nn
 
 from gqa_prune.allocation import Allocation, AllocationConfig, allocate, allocate_global
+from gqa_prune.compensation import (
+    DEFAULT_DAMP,
+    Compensation,
+    apply_plan_sequential_,
+    check_compensation,
+)
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.importance import UnitScores, compute_unit_scores
 from gqa_prune.models.adapters import get_adapter
@@ -78,6 +84,9 @@ def prune_model_(
     batch_size: int = 1,
     seed: int = 0,
     progress: bool = True,
+    compensation: Compensation | str = "none",
+    compensation_ids: torch.Tensor | None = None,
+    compensation_damp: float = DEFAULT_DAMP,
 ) -> PruneOutcome:
     """Prune ``model`` in place to remove ``allocation_config.pruning_ratio`` of its parameters.
 
@@ -93,12 +102,18 @@ def prune_model_(
             (``allocate_global``), with the same floors, frozen layers and range.
         batch_size: calibration samples per forward/backward.
         seed: seed of the ``random`` criterion.
+        compensation: ``none`` (plain deletion), ``lstsq`` or ``bias``: how the weights
+            that stay are repaired, layer by layer (see ``gqa_prune.compensation``).
+        compensation_ids: ``(num_samples, seq_len)`` calibration tokens of the compensation;
+            None = ``calibration_ids``.
+        compensation_damp: ridge strength of ``lstsq`` (relative to the Gram diagonal).
     """
     adapter = get_adapter(model)
     before = adapter.geometry(model)
     importance = list(layer_importance) if layer_importance is not None else [1.0] * before.num_layers
     if mode not in PRUNING_MODES:
         raise GQAPruneError(f"unknown pruning mode '{mode}'; choose one of {', '.join(PRUNING_MODES)}")
+    check_compensation(compensation, compensation_damp)
     if mode == "layer":  # fail fast on an impossible target, before the costly scoring
         allocation = allocate(importance, before, allocation_config)
     scores = compute_unit_scores(
@@ -116,7 +131,13 @@ def prune_model_(
         100 * allocation.target_ratio,
     )
     plan = build_plan(scores, allocation, before)
-    after = apply_plan_(model, plan)
+    if compensation == "none":
+        after = apply_plan_(model, plan)
+    else:
+        ids = calibration_ids if compensation_ids is None else compensation_ids
+        after = apply_plan_sequential_(
+            model, plan, ids, compensation, compensation_damp, batch_size, progress
+        )
     check_finite_logits(model, calibration_ids[:1], step="after pruning")
     return PruneOutcome(plan, allocation, before, after, scores)
 
