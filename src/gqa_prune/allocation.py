@@ -106,7 +106,8 @@ class AllocationConfig:
         alpha: strength of the importance weighting, >= 0 (0 = uniform).
         min_pruning_rate: lower bound of every prunable layer's attention+MLP removed fraction.
         max_pruning_rate: upper bound of the same; the floors below still apply.
-        freeze_top_n_layers: the n most important in-range layers are not pruned.
+        freeze_top_n_layers: the n most important in-range layers are not pruned (at
+            least one in-range layer must stay prunable; checked against the geometry).
         layer_start: first prunable layer (None = 0).
         layer_end: one past the last prunable layer (None = num_layers).
         distribution: ``(a, m)``: a/(a+m) of the removed parameters come from attention
@@ -427,6 +428,11 @@ def allocate_global(
 
     Returns:
         Allocation with ``|achieved_ratio - pruning_ratio| <= 0.005``.
+
+    Raises:
+        GQAPruneError: scores do not match the geometry, a layer cannot reach
+            ``min_pruning_rate``, or the greedy ends outside +-0.5 % (units run out or are
+            too coarse; unlike :func:`allocate` there is no exact fallback search).
     """
     for name, given in (("group_scores", group_scores), ("channel_scores", channel_scores)):
         _check_geometry(geometry, len(given), name)
