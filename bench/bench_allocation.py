@@ -3,7 +3,8 @@
 Same calibration tokens and the same evaluation windows for every row. Unit scores are
 computed once per criterion; every variant prunes a fresh copy of the dense model.
 
-    GQA_PRUNE_DATA_DIR=../shared/data python bench/bench_allocation.py --samples 16 --eval_windows 40
+    GQA_PRUNE_DATA_DIR=../shared/data python bench/bench_allocation.py \
+        --samples 16 --eval_windows 40
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def main() -> None:
     p.add_argument("--eval_windows", type=int, default=40)
     p.add_argument("--data_dir", default=os.environ.get("GQA_PRUNE_DATA_DIR"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--focus",
+        choices=["all", "split"],
+        default="all",
+        help="split: only the attention:MLP split x layer importance x alpha rows",
+    )
     args = p.parse_args()
     torch.manual_seed(args.seed)
 
@@ -47,8 +54,9 @@ def main() -> None:
     li_ids = sample_calibration(calib_tokens, args.li_samples, args.seq_len, args.seed + 1)
 
     def ppl(model) -> float:
-        return evaluate_perplexity(model, eval_tokens, args.seq_len, args.eval_windows,
-                                   progress=False).ppl
+        return evaluate_perplexity(
+            model, eval_tokens, args.seq_len, args.eval_windows, progress=False
+        ).ppl
 
     # ---- layer importance: time of each method
     li_rows, li = [], {}
@@ -59,10 +67,13 @@ def main() -> None:
 
     dense_ppl = ppl(dense)
     scores, score_time = {}, {}
-    for crit in ("taylor", "taylor2", "magnitude", "wanda", "random"):
+    for crit in ("taylor", "taylor2", "magnitude", "wanda", "random")[
+        : 5 if args.focus == "all" else 1
+    ]:
         t0 = time.perf_counter()
-        scores[crit] = compute_unit_scores(dense, calib, crit, batch_size=4, seed=args.seed,
-                                           progress=False)
+        scores[crit] = compute_unit_scores(
+            dense, calib, crit, batch_size=4, seed=args.seed, progress=False
+        )
         score_time[crit] = time.perf_counter() - t0
 
     def variant(crit: str, importance, mode: str = "layer", **cfg) -> tuple[float, float]:
@@ -77,33 +88,65 @@ def main() -> None:
         return ppl(model), alloc.achieved_ratio
 
     rows = []
-    for name, crit, imp, mode, cfg in [
+    split_variants = [
+        (
+            f"inverse a={a}, 1:9, {m} importance",
+            "taylor",
+            li[m],
+            "layer",
+            {"distribution": (1, 9), "alpha": a},
+        )
+        for m in ("removal", "block_influence")
+        for a in (0.5, 1.0, 2.0)
+    ] + [
+        ("global, 1:9", "taylor", li["removal"], "global", {"distribution": (1, 9)}),
+        ("global, 0:10 (MLP only)", "taylor", li["removal"], "global", {"prune_attention": False}),
+    ]
+    all_variants = [
         ("uniform", "taylor", li["removal"], "layer", {"strategy": "uniform"}),
         ("inverse (removal importance)", "taylor", li["removal"], "layer", {}),
         ("inverse (block_influence importance)", "taylor", li["block_influence"], "layer", {}),
         ("inverse (activation importance)", "taylor", li["activation"], "layer", {}),
-        ("proportional (removal importance)", "taylor", li["removal"], "layer",
-         {"strategy": "proportional"}),
+        (
+            "proportional (removal importance)",
+            "taylor",
+            li["removal"],
+            "layer",
+            {"strategy": "proportional"},
+        ),
         ("global (score per parameter)", "taylor", li["removal"], "global", {}),
-        ("inverse, distribution 0:10 (MLP only)", "taylor", li["removal"], "layer",
-         {"prune_attention": False}),
+        (
+            "inverse, distribution 0:10 (MLP only)",
+            "taylor",
+            li["removal"],
+            "layer",
+            {"prune_attention": False},
+        ),
         ("inverse, distribution 1:9", "taylor", li["removal"], "layer", {"distribution": (1, 9)}),
         ("inverse, distribution 3:7", "taylor", li["removal"], "layer", {"distribution": (3, 7)}),
-        ("uniform, distribution 0:10 (MLP only)", "taylor", li["removal"], "layer",
-         {"strategy": "uniform", "prune_attention": False}),
-    ]:
+        (
+            "uniform, distribution 0:10 (MLP only)",
+            "taylor",
+            li["removal"],
+            "layer",
+            {"strategy": "uniform", "prune_attention": False},
+        ),
+    ]
+    for name, crit, imp, mode, cfg in split_variants if args.focus == "split" else all_variants:
         t0 = time.perf_counter()
         value, achieved = variant(crit, imp, mode, **cfg)
         rows.append((name, crit, value, achieved, time.perf_counter() - t0))
-    for crit in ("taylor2", "magnitude", "wanda", "random"):
+    for crit in ("taylor2", "magnitude", "wanda", "random") if args.focus == "all" else ():
         value, achieved = variant(crit, li["removal"])
-        rows.append((f"inverse (removal importance)", crit, value, achieved, score_time[crit]))
+        rows.append(("inverse (removal importance)", crit, value, achieved, score_time[crit]))
 
     n_tok = min(args.eval_windows, eval_tokens.numel() // args.seq_len) * (args.seq_len - 1)
-    print(f"\n{args.model}, {100 * args.ratio:.0f}% of {geometry.total_params:,} parameters, "
-          f"{args.samples} x {args.seq_len} calibration tokens (wikitext-2 valid), "
-          f"perplexity on the first {args.eval_windows} windows of {args.seq_len} "
-          f"(~{n_tok:,} tokens) of wikitext-2 raw test, {torch.get_num_threads()} threads\n")
+    print(
+        f"\n{args.model}, {100 * args.ratio:.0f}% of {geometry.total_params:,} parameters, "
+        f"{args.samples} x {args.seq_len} calibration tokens (wikitext-2 valid), "
+        f"perplexity on the first {args.eval_windows} windows of {args.seq_len} "
+        f"(~{n_tok:,} tokens) of wikitext-2 raw test, {torch.get_num_threads()} threads\n"
+    )
     print(f"dense perplexity: {dense_ppl:.2f}\n")
     print("| allocation | unit criterion | perplexity | removed (total) |")
     print("|---|---|---:|---:|")

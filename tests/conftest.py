@@ -7,28 +7,28 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 
+HEADS = {  # kind -> (config class name, heads settings)
+    "llama4": ("llama", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8)),
+    "llama3": ("llama", dict(num_attention_heads=6, num_key_value_heads=2, head_dim=8)),
+    "mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "qwen2": ("qwen2", dict(num_attention_heads=6, num_key_value_heads=3, head_dim=8)),
+}
+
+
 def tiny_config(kind: str = "llama4", **overrides):
     """Tiny decoder configs: Q:KV 4:1, 3:1, 1:1 (Llama) and Qwen2 with q/k/v biases."""
-    base = dict(
+    family, heads = HEADS[kind]
+    values = dict(
         vocab_size=128,
         hidden_size=48,
         intermediate_size=96,
         num_hidden_layers=3,
         max_position_embeddings=256,
         tie_word_embeddings=False,
+        **heads,
     )
-    base.update(overrides)
-    if kind == "llama4":
-        cfg = LlamaConfig(**base, num_attention_heads=8, num_key_value_heads=2, head_dim=8)
-    elif kind == "llama3":
-        cfg = LlamaConfig(**base, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
-    elif kind == "mha":
-        cfg = LlamaConfig(**base, num_attention_heads=4, num_key_value_heads=4)
-    elif kind == "qwen2":
-        cfg = Qwen2Config(**base, num_attention_heads=6, num_key_value_heads=3, head_dim=8)
-    else:
-        raise ValueError(kind)
-    return cfg
+    values.update(overrides)
+    return (LlamaConfig if family == "llama" else Qwen2Config)(**values)
 
 
 def tiny_model(kind: str = "llama4", seed: int = 0, **overrides):
@@ -98,14 +98,23 @@ def tiny_run(tmp_path):
 def tiny_args(run, *extra):
     """Fast CLI arguments for the tiny model."""
     return [
-        "--base_model", run["model"],
-        "--data_dir", run["data"],
-        "--log_root", str(run["logs"]),
-        "--channel_importance_samples", "2",
-        "--layer_importance_samples", "2",
-        "--taylor_seq_len", "32",
-        "--eval_seq_len", "32",
-        "--eval_max_windows", "4",
-        "--device", "cpu",
+        "--base_model",
+        run["model"],
+        "--data_dir",
+        run["data"],
+        "--log_root",
+        str(run["logs"]),
+        "--channel_importance_samples",
+        "2",
+        "--layer_importance_samples",
+        "2",
+        "--taylor_seq_len",
+        "32",
+        "--eval_seq_len",
+        "32",
+        "--eval_max_windows",
+        "4",
+        "--device",
+        "cpu",
         *extra,
     ]

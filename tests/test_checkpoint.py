@@ -7,12 +7,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.checkpoint import load_pruned, save_pruned
 from gqa_prune.plan import LayerPlan, PruningPlan
 from gqa_prune.slicing import apply_plan_
+
+from conftest import tiny_model
 
 
 def uneven_prune_(model) -> PruningPlan:

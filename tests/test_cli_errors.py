@@ -5,13 +5,16 @@ import json
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import char_tokenizer, save_tiny_model_dir, tiny_args
 from gqa_prune.cli import main
+
+from conftest import char_tokenizer, tiny_args
 
 
 def _gpt2_dir(tmp_path):
     path = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128)).save_pretrained(path)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128)).save_pretrained(
+        path
+    )
     char_tokenizer().save_pretrained(path)
     return str(path)
 
@@ -24,14 +27,16 @@ def _json_file(tmp_path, content):
 
 def _mismatched_importance(tmp_path):
     """A valid layer importance of a differently shaped model."""
-    from conftest import tiny_model
-    from gqa_prune.analysis import compute_layer_importance
-
     import torch
 
+    from gqa_prune.analysis import compute_layer_importance
+
+    from conftest import tiny_model
+
     other = tiny_model("llama4", num_hidden_layers=2)
-    result = compute_layer_importance(other, torch.randint(0, 96, (1, 8)), "activation",
-                                      progress=False)
+    result = compute_layer_importance(
+        other, torch.randint(0, 96, (1, 8)), "activation", progress=False
+    )
     path = tmp_path / "other.json"
     result.save(path)
     return str(path)
@@ -58,7 +63,11 @@ CASES = [
     ("ratio_zero", ["--pruning_ratio", "0"], "--pruning_ratio"),
     ("ratio_above_one", ["--pruning_ratio", "1.5"], "--pruning_ratio"),
     ("ratio_not_a_number", ["--pruning_ratio", "abc"], "invalid float"),
-    ("min_above_max", ["--min_pruning_rate", "0.6", "--max_pruning_rate", "0.3"], "max_pruning_rate"),
+    (
+        "min_above_max",
+        ["--min_pruning_rate", "0.6", "--max_pruning_rate", "0.3"],
+        "max_pruning_rate",
+    ),
     ("start_after_end", ["--layer_start", "2", "--layer_end", "1"], "--layer_start"),
     ("end_out_of_range", ["--layer_end", "10"], "out of range"),
     ("start_out_of_range", ["--layer_start", "5"], "out of range"),
@@ -66,18 +75,45 @@ CASES = [
     ("distribution_malformed", ["--pruning_distribution", "2-8"], "a:m"),
     ("distribution_zero", ["--pruning_distribution", "0:0"], "not both zero"),
     ("skip_without_config", ["--skip_importance_analysis"], "--layer_importance_config"),
-    ("corrupt_importance_json", lambda r, t: ["--skip_importance_analysis",
-     "--layer_importance_config", _json_file(t, "{not json")], "not valid JSON"),
-    ("malformed_importance_json", lambda r, t: ["--skip_importance_analysis",
-     "--layer_importance_config", _json_file(t, json.dumps({"method": "removal"}))], "missing"),
-    ("mismatched_importance_json", lambda r, t: ["--skip_importance_analysis",
-     "--layer_importance_config", _mismatched_importance(t)], "another model"),
-    ("missing_data_file", lambda r, t: ["--calibration_dataset", str(t / "none.txt")],
-     "neither a file"),
+    (
+        "corrupt_importance_json",
+        lambda r, t: [
+            "--skip_importance_analysis",
+            "--layer_importance_config",
+            _json_file(t, "{not json"),
+        ],
+        "not valid JSON",
+    ),
+    (
+        "malformed_importance_json",
+        lambda r, t: [
+            "--skip_importance_analysis",
+            "--layer_importance_config",
+            _json_file(t, json.dumps({"method": "removal"})),
+        ],
+        "missing",
+    ),
+    (
+        "mismatched_importance_json",
+        lambda r, t: [
+            "--skip_importance_analysis",
+            "--layer_importance_config",
+            _mismatched_importance(t),
+        ],
+        "another model",
+    ),
+    (
+        "missing_data_file",
+        lambda r, t: ["--calibration_dataset", str(t / "none.txt")],
+        "neither a file",
+    ),
     ("empty_text", lambda r, t: ["--eval_dataset", _empty_file(t), "--test_after_prune"], "empty"),
     ("seq_len_above_model_max", ["--eval_seq_len", "4096", "--test_after_prune"], "maximum"),
-    ("unreachable_target", ["--pruning_ratio", "0.6", "--layer_start", "0", "--layer_end", "1",
-                            "--prune_mlp"], "at most"),
+    (
+        "unreachable_target",
+        ["--pruning_ratio", "0.6", "--layer_start", "0", "--layer_end", "1", "--prune_mlp"],
+        "at most",
+    ),
     ("output_not_writable", lambda r, t: ["--log_root", _under_a_file(t)], "writable"),
     ("gqa_ratio_contradicts_config", ["--gqa_ratio", "3"], "--gqa_ratio"),
     ("head_dim_contradicts_config", ["--head_dim", "128"], "--head_dim"),

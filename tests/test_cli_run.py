@@ -5,8 +5,9 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_args
 from gqa_prune.cli import main
+
+from conftest import tiny_args
 
 
 def run(tiny_run, *extra):
@@ -14,13 +15,28 @@ def run(tiny_run, *extra):
 
 
 def test_full_run_writes_the_experiment_folder(tiny_run, capsys):
-    rc = run(tiny_run, "--pruning_ratio", "0.3", "--prune_mlp", "--save_model",
-             "--test_original_ppl", "--test_after_prune", "--save_ckpt_log_name", "exp")
+    rc = run(
+        tiny_run,
+        "--pruning_ratio",
+        "0.3",
+        "--prune_mlp",
+        "--save_model",
+        "--test_original_ppl",
+        "--test_after_prune",
+        "--save_ckpt_log_name",
+        "exp",
+    )
     assert rc == 0
     exp = tiny_run["logs"] / "exp"
     names = {p.name for p in exp.iterdir()}
-    assert {"description.txt", "layer_importance_config.json", "pruning_strategy.png",
-            "pruning_plan.json", "summary.json", "model"} <= names
+    assert {
+        "description.txt",
+        "layer_importance_config.json",
+        "pruning_strategy.png",
+        "pruning_plan.json",
+        "summary.json",
+        "model",
+    } <= names
     run_dirs = [p for p in exp.iterdir() if p.is_dir() and p.name != "model"]
     assert len(run_dirs) == 1
     assert (run_dirs[0] / "training.log").read_text().strip()
@@ -58,8 +74,15 @@ def test_saved_model_is_not_overwritten_and_importance_is_reused(tiny_run, caplo
 def test_skip_importance_analysis_reuses_a_file(tiny_run):
     assert run(tiny_run, "--prune_mlp", "--save_ckpt_log_name", "first") == 0
     saved = tiny_run["logs"] / "first" / "layer_importance_config.json"
-    rc = run(tiny_run, "--prune_mlp", "--save_ckpt_log_name", "second",
-             "--skip_importance_analysis", "--layer_importance_config", str(saved))
+    rc = run(
+        tiny_run,
+        "--prune_mlp",
+        "--save_ckpt_log_name",
+        "second",
+        "--skip_importance_analysis",
+        "--layer_importance_config",
+        str(saved),
+    )
     assert rc == 0
     second = json.loads((tiny_run["logs"] / "second" / "layer_importance_config.json").read_text())
     assert second == json.loads(saved.read_text())

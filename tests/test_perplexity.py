@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.perplexity import evaluate_perplexity, make_windows
+
+from conftest import tiny_model
 
 
 class FixedLM(nn.Module):

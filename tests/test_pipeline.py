@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from conftest import tiny_args, tiny_model
 from gqa_prune.allocation import AllocationConfig
 from gqa_prune.cli import main
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.pipeline import prune_model_, select_gqa_groups_to_prune
+
+from conftest import tiny_args, tiny_model
 
 
 def test_select_groups_keeps_the_most_important():
@@ -22,8 +23,15 @@ def test_prune_model_hits_target_and_keeps_ratio(kind, mode):
     model = tiny_model(kind, num_hidden_layers=4, intermediate_size=128)
     ids = torch.randint(0, 128, (4, 16))
     importance = [4.0, 1.0, 2.0, 3.0]
-    outcome = prune_model_(model, ids, AllocationConfig(pruning_ratio=0.3), importance,
-                           mode=mode, batch_size=2, progress=False)
+    outcome = prune_model_(
+        model,
+        ids,
+        AllocationConfig(pruning_ratio=0.3),
+        importance,
+        mode=mode,
+        batch_size=2,
+        progress=False,
+    )
     before, after = outcome.before, outcome.after
     removed = (before.total_params - after.total_params) / before.total_params
     assert abs(removed - 0.3) <= 0.005
@@ -39,8 +47,13 @@ def test_prune_model_hits_target_and_keeps_ratio(kind, mode):
 def test_unknown_mode_is_refused():
     model = tiny_model("llama4")
     with pytest.raises(GQAPruneError, match="pruning mode"):
-        prune_model_(model, torch.randint(0, 128, (1, 8)), AllocationConfig(pruning_ratio=0.2),
-                     mode="everything", progress=False)
+        prune_model_(
+            model,
+            torch.randint(0, 128, (1, 8)),
+            AllocationConfig(pruning_ratio=0.2),
+            mode="everything",
+            progress=False,
+        )
 
 
 def test_debug_run_on_a_layer_range(tmp_path):
@@ -53,9 +66,24 @@ def test_debug_run_on_a_layer_range(tmp_path):
         (data / sub).mkdir(parents=True)
         (data / sub / name).write_text(ENGLISH * 20)
     run = {"model": str(model_dir), "data": str(data), "logs": tmp_path / "logs"}
-    rc = main(tiny_args(run, "--layer_start", "10", "--layer_end", "15",
-                        "--layer_importance_samples", "10", "--channel_importance_samples", "5",
-                        "--pruning_ratio", "0.1", "--prune_mlp", "--save_ckpt_log_name", "dbg"))
+    rc = main(
+        tiny_args(
+            run,
+            "--layer_start",
+            "10",
+            "--layer_end",
+            "15",
+            "--layer_importance_samples",
+            "10",
+            "--channel_importance_samples",
+            "5",
+            "--pruning_ratio",
+            "0.1",
+            "--prune_mlp",
+            "--save_ckpt_log_name",
+            "dbg",
+        )
+    )
     assert rc == 0
     import json
 

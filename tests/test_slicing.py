@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from conftest import tiny_model
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.plan import LayerPlan, PruningPlan
 from gqa_prune.slicing import apply_plan_, prune_attention_by_gqa_groups, prune_mlp_channels
+
+from conftest import tiny_model
 
 
 def zero_group_outputs_(model, layer_idx: int, group: int) -> None:

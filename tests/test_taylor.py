@@ -2,12 +2,14 @@
 
 import torch
 
-from conftest import tiny_model
 from gqa_prune.importance.taylor import collect_taylor_scores
+
+from conftest import tiny_model
 
 
 def manual_group_scores(attn, r, d):
     """|w*g| summed over each group's q rows, k rows, v rows (+biases) and o columns."""
+
     def s(p):
         return (p.detach() * p.grad).abs()
 
@@ -37,9 +39,11 @@ def test_taylor_matches_manual_sum_over_group_slices(kind):
     expected = manual_group_scores(attn, attn.num_key_value_groups, attn.head_dim)
     torch.testing.assert_close(scores.groups[1], expected, rtol=1e-4, atol=1e-7)
     mlp = model.model.layers[2].mlp
-    ch = ((mlp.gate_proj.weight * mlp.gate_proj.weight.grad).abs().sum(1)
-          + (mlp.up_proj.weight * mlp.up_proj.weight.grad).abs().sum(1)
-          + (mlp.down_proj.weight * mlp.down_proj.weight.grad).abs().sum(0)).detach()
+    ch = (
+        (mlp.gate_proj.weight * mlp.gate_proj.weight.grad).abs().sum(1)
+        + (mlp.up_proj.weight * mlp.up_proj.weight.grad).abs().sum(1)
+        + (mlp.down_proj.weight * mlp.down_proj.weight.grad).abs().sum(0)
+    ).detach()
     torch.testing.assert_close(scores.channels[2], ch, rtol=1e-4, atol=1e-7)
 
 
@@ -50,8 +54,10 @@ def test_one_backward_per_batch_and_fp32_accumulation():
     ids = torch.randint(0, 128, (6, 16))
     total = collect_taylor_scores(model, ids, batch_size=2, progress=False)
     assert len(calls) == 3  # 6 samples / batch 2: one pass for the whole model per batch
-    parts = [collect_taylor_scores(model, ids[i : i + 2], progress=False, batch_size=2)
-             for i in range(0, 6, 2)]
+    parts = [
+        collect_taylor_scores(model, ids[i : i + 2], progress=False, batch_size=2)
+        for i in range(0, 6, 2)
+    ]
     summed = sum(p.groups[0] for p in parts)
     torch.testing.assert_close(total.groups[0], summed)
     assert all(g.dtype == torch.float32 and g.shape == (2,) for g in total.groups)

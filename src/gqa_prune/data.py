@@ -74,8 +74,10 @@ def load_text(source: str, split: Split, data_dir: str | Path | None = None) -> 
             return _read_nonempty(local)
     text = _load_from_hub(source, split)
     if text is None:
-        where = f"{root / LOCAL_FILES[source][split]} does not exist" if root else (
-            f"no data directory is set (--data_dir or ${DATA_DIR_ENV})"
+        where = (
+            f"{root / LOCAL_FILES[source][split]} does not exist"
+            if root
+            else (f"no data directory is set (--data_dir or ${DATA_DIR_ENV})")
         )
         raise GQAPruneError(
             f"cannot load '{source}' ({split} split): {where} and the Hugging Face hub is not "
@@ -115,7 +117,9 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_calibration(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def sample_calibration(
+    tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int
+) -> torch.Tensor:
     """Draw ``num_samples`` windows of ``seq_len`` consecutive tokens, seeded.
 
     Windows are cut from one token stream, so they contain no padding tokens.

@@ -55,7 +55,9 @@ def select_channels_to_keep(channel_importance: torch.Tensor, target: int) -> li
 def build_plan(scores: UnitScores, allocation: Allocation, geometry: GQAGeometry) -> PruningPlan:
     """Keep, in every layer, the highest-scoring groups and channels the allocation allows."""
     layers = []
-    for la, g_scores, c_scores in zip(allocation.layers, scores.groups, scores.channels, strict=True):
+    for la, g_scores, c_scores in zip(
+        allocation.layers, scores.groups, scores.channels, strict=True
+    ):
         keep_groups, _ = select_gqa_groups_to_prune(g_scores, la.kv_heads_after)
         keep_channels = select_channels_to_keep(c_scores, la.channels_after)
         layers.append(LayerPlan(la.layer, tuple(keep_groups), tuple(keep_channels)))
@@ -110,9 +112,13 @@ def prune_model_(
     """
     adapter = get_adapter(model)
     before = adapter.geometry(model)
-    importance = list(layer_importance) if layer_importance is not None else [1.0] * before.num_layers
+    importance = (
+        list(layer_importance) if layer_importance is not None else [1.0] * before.num_layers
+    )
     if mode not in PRUNING_MODES:
-        raise GQAPruneError(f"unknown pruning mode '{mode}'; choose one of {', '.join(PRUNING_MODES)}")
+        raise GQAPruneError(
+            f"unknown pruning mode '{mode}'; choose one of {', '.join(PRUNING_MODES)}"
+        )
     check_compensation(compensation, compensation_damp)
     if mode == "layer":  # fail fast on an impossible target, before the costly scoring
         allocation = allocate(importance, before, allocation_config)

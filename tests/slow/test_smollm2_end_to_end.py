@@ -13,20 +13,30 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_25_percent_end_to_end(real_prereqs, tmp_path, capsys):
-    rc = main([
-        "--base_model", "smollm2-135m",
-        "--pruning_ratio", "0.25",
-        "--prune_mlp",
-        "--save_model",
-        "--test_original_ppl",
-        "--test_after_prune",
-        "--channel_importance_samples", "4",
-        "--taylor_seq_len", "64",
-        "--eval_max_windows", "4",
-        "--log_root", str(tmp_path),
-        "--save_ckpt_log_name", "smollm2_25",
-        "--data_dir", real_prereqs,
-    ])
+    rc = main(
+        [
+            "--base_model",
+            "smollm2-135m",
+            "--pruning_ratio",
+            "0.25",
+            "--prune_mlp",
+            "--save_model",
+            "--test_original_ppl",
+            "--test_after_prune",
+            "--channel_importance_samples",
+            "4",
+            "--taylor_seq_len",
+            "64",
+            "--eval_max_windows",
+            "4",
+            "--log_root",
+            str(tmp_path),
+            "--save_ckpt_log_name",
+            "smollm2_25",
+            "--data_dir",
+            real_prereqs,
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "perplexity after" in out

@@ -34,7 +34,9 @@ class PerplexityResult:
         return asdict(self)
 
 
-def make_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> list[torch.Tensor]:
+def make_windows(
+    tokens: torch.Tensor, seq_len: int, max_windows: int | None = None
+) -> list[torch.Tensor]:
     """Cut a 1-D token stream into non-overlapping windows of ``seq_len``.
 
     A last window shorter than ``seq_len`` is kept if it predicts at least one token.
@@ -89,7 +91,9 @@ def evaluate_perplexity(
         if not torch.isfinite(logits).all():
             raise GQAPruneError("evaluation: the model produced non-finite logits")
         targets = batch[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        )
         nll_sum += float(nll)
         count += targets.numel()
     model.train(was_training)

@@ -20,10 +20,12 @@ from gqa_prune.io_utils import atomic_directory, write_json_atomic
 from gqa_prune.models import remote
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.loading import resolve_device, resolve_dtype
-from gqa_prune.models.remote import configuration_gqa_pruned, modeling_gqa_pruned
+from gqa_prune.models.remote import modeling_gqa_pruned
 from gqa_prune.slicing import update_config_
 
 REMOTE_FILES = ("configuration_gqa_pruned.py", "modeling_gqa_pruned.py")
+
+
 def pruned_config_dict(model: Any) -> dict[str, Any]:
     """The config.json of a pruned model: family config + per-layer shapes + auto_map."""
     adapter = get_adapter(model)
@@ -81,7 +83,9 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "auto") -> 
     try:
         data = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise GQAPruneError(f"{path} is not a gqa-prune checkpoint (no readable config.json)") from exc
+        raise GQAPruneError(
+            f"{path} is not a gqa-prune checkpoint (no readable config.json)"
+        ) from exc
     model_type = data.get("model_type", "")
     if not str(model_type).startswith("gqa_pruned_"):
         raise GQAPruneError(

@@ -63,7 +63,9 @@ class ExperimentDir:
                 "writable location"
             ) from exc
         command = self.config.command or [sys.argv[0], *sys.argv[1:]]
-        write_text_atomic(self.run_dir / "train.sh", "#!/usr/bin/env bash\n" + shlex.join(command) + "\n")
+        write_text_atomic(
+            self.run_dir / "train.sh", "#!/usr/bin/env bash\n" + shlex.join(command) + "\n"
+        )
         (self.run_dir / "train.sh").chmod(0o755)
         lines = [f"{k}: {v}" for k, v in self.config.to_dict().items() if k != "command"]
         write_text_atomic(self.root / "description.txt", "\n".join(lines) + "\n")

@@ -41,11 +41,17 @@ def plot_pruning_strategy(
         ax_imp.bar(layers, list(layer_importance), color="tab:gray")
     ax_imp.set_ylabel("layer importance")
     ax_imp.set_title(title or "per-layer importance and pruning rates")
-    ax_rate.plot(layers, [100 * la.attention_rate for la in allocation.layers], "o-", label="attention")
+    ax_rate.plot(
+        layers, [100 * la.attention_rate for la in allocation.layers], "o-", label="attention"
+    )
     ax_rate.plot(layers, [100 * la.mlp_rate for la in allocation.layers], "s-", label="MLP")
     ax_rate.plot(layers, [100 * la.rate for la in allocation.layers], "k--", label="attention+MLP")
-    ax_rate.axhline(100 * allocation.target_ratio, color="tab:red", lw=0.8,
-                    label=f"target {100 * allocation.target_ratio:.1f}% of total")
+    ax_rate.axhline(
+        100 * allocation.target_ratio,
+        color="tab:red",
+        lw=0.8,
+        label=f"target {100 * allocation.target_ratio:.1f}% of total",
+    )
     ax_rate.set_xlabel("layer")
     ax_rate.set_ylabel("removed (%)")
     ax_rate.legend(loc="best", fontsize=8)
