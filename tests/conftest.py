@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# unit tests never reach a hub: fail fast instead of waiting for network time-outs
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from gqa_prune.config import (
     AGGREGATIONS,
+    COMPENSATIONS,
     IMPORTANCE_CRITERIA,
     LAYER_IMPORTANCE_METHODS,
     PRUNING_MODES,
@@ -20,6 +21,7 @@ from gqa_prune.config import (
     RunConfig,
 )
 from gqa_prune.errors import GQAPruneError
+from gqa_prune.recovery.cli import add_finetune_arguments
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", "--layer_importance_weight", dest="alpha", type=float,
                    default=d.alpha, help="strength of the importance weighting")
     g.add_argument("--pruning_distribution", default=d.pruning_distribution,
-                   help="attention:MLP share of removed parameters, e.g. 2:8 (default: equal rates)")
+                   help="attention:MLP share of removed parameters (a:m), or auto = equal rates")
     g.add_argument("--min_pruning_rate", type=float, default=d.min_pruning_rate)
     g.add_argument("--max_pruning_rate", type=float, default=d.max_pruning_rate)
     g.add_argument("--freeze_top_n_layers", type=int, default=d.freeze_top_n_layers)
@@ -101,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--taylor_seq_len", type=int, default=d.taylor_seq_len)
     g.add_argument("--taylor_batch_size", type=int, default=d.taylor_batch_size)
 
+    g = p.add_argument_group("3b. compensation (repair the weights that stay, layer by layer)")
+    g.add_argument("--compensation", default=d.compensation, choices=COMPENSATIONS,
+                   help="none: plain deletion; lstsq: ridge refit of o_proj/down_proj kept "
+                        "columns; bias: FLAP mean contribution as an output bias")
+    g.add_argument("--compensation_samples", type=int, default=d.compensation_samples,
+                   help="calibration sequences (of --taylor_seq_len tokens) for compensation")
+    g.add_argument("--compensation_damp", type=float, default=d.compensation_damp,
+                   help="lstsq ridge strength, relative to the mean diagonal of the Gram matrix")
+
     g = p.add_argument_group("5. evaluation")
     g.add_argument("--test_original_ppl", action="store_true", help="perplexity before pruning")
     g.add_argument("--test_after_prune", action="store_true", help="perplexity after pruning")
@@ -108,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_max_windows", type=_positive_or_none, default=d.eval_max_windows,
                    help="evaluate only the first N windows (default: all)")
     g.add_argument("--eval_batch_size", type=int, default=d.eval_batch_size)
+    # --- zero-shot and efficiency (issue 7; gqa_prune.evaluation) ---
+    g.add_argument("--eval_tasks", default=d.eval_tasks,
+                   help="lm-evaluation-harness tasks before and after pruning, e.g. "
+                        "boolq,piqa,hellaswag (needs pip install 'gqa-prune[eval]')")
+    g.add_argument("--eval_limit", type=_positive_or_none, default=d.eval_limit,
+                   help="items per zero-shot task (default: all)")
+    g.add_argument("--eval_include_path", default=d.eval_include_path,
+                   help="folder of extra lm-eval task YAML files (local tasks, offline)")
+    g.add_argument("--measure_speed", action="store_true",
+                   help="prefill/decode tokens/s and peak memory, dense vs pruned")
+    # --- end zero-shot and efficiency ---
+    add_finetune_arguments(p)  # 6. recovery fine-tuning (gqa_prune.recovery)
     return p
 
 
@@ -133,24 +156,57 @@ def format_summary(summary: dict[str, Any]) -> str:
         rows.append((f"perplexity {key}",
                      f"{res['ppl']:.3f} ({res['dataset']}, seq_len {res['seq_len']}, "
                      f"{res['num_tokens']:,} tokens)"))
+    if "finetune" in summary:  # recovery (issue 6)
+        ft = summary["finetune"]
+        loss = "n/a" if ft["final_loss"] is None else f"{ft['final_loss']:.4f}"
+        rows.append(("fine-tuning", f"{ft['method']}: {ft['steps']} steps, {ft['tokens']:,} "
+                                    f"tokens, {ft['wall_time_s']:.1f} s, final loss {loss}"))
+        if ft.get("message"):
+            rows.append(("fine-tuning stopped", ft["message"]))
+    for key, res in summary.get("zeroshot", {}).items():  # issue 7
+        mean = res["mean_acc"]
+        rows.append((f"zero-shot {key}", f"mean acc {'n/a' if mean is None else f'{mean:.4f}'} "
+                                         f"({', '.join(res['requested'])})"))
+    if "efficiency" in summary:  # issue 7
+        ratio = summary["efficiency"]["pruned_over_dense"]
+        rows.append(("speed pruned / dense", f"prefill {ratio['prefill']:.2f}x, decode "
+                                             f"{ratio['decode']:.2f}x"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# Sub-commands: name -> "module:function"; the function takes the remaining arguments and
+# returns an exit status. Imported lazily so that `gqa-prune --help` stays fast.
+SUBCOMMANDS: dict[str, str] = {
+    "search": "gqa_prune.evaluation.cli:search_main",  # issue 7
+    "bench-speed": "gqa_prune.evaluation.cli:bench_speed_main",  # issue 7
+}
+
+
+def _prune(argv: Sequence[str]) -> int:
     from gqa_prune.runner import run_experiment
 
+    summary = run_experiment(config_from_args(argv))
+    print(format_summary(summary))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``gqa-prune [SUBCOMMAND] ...``: without a sub-command, prune (the original flags)."""
+    import importlib
+
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        config = config_from_args(argv)
-        summary = run_experiment(config)
+        if args and args[0] in SUBCOMMANDS:
+            module, func = SUBCOMMANDS[args[0]].split(":")
+            return int(getattr(importlib.import_module(module), func)(args[1:]))
+        return _prune(args)
     except GQAPruneError as exc:
         print(f"gqa-prune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gqa-prune: interrupted", file=sys.stderr)
         return 130
-    print(format_summary(summary))
-    return 0
 
 
 if __name__ == "__main__":

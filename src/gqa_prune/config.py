@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gqa_prune.analysis import layer_importance_methods
+from gqa_prune.compensation import COMPENSATIONS, DEFAULT_DAMP
 from gqa_prune.errors import GQAPruneError
+from gqa_prune.evaluation.zeroshot import parse_tasks  # issue 7 (no lm-eval import)
 from gqa_prune.importance import AGGREGATIONS
 from gqa_prune.importance import CRITERIA as IMPORTANCE_CRITERIA
+from gqa_prune.recovery.config import FINETUNE_DEFAULTS as _FT  # recovery (issue 6)
+from gqa_prune.recovery.config import FinetuneConfig, finetune_config_from_run
 
 LAYER_IMPORTANCE_METHODS = layer_importance_methods()
 
@@ -42,9 +47,10 @@ class RunConfig:
     save_ckpt_log_name: str = "gqa_prune_run"
     log_root: str = "prune_log"
     pruning_ratio: float = 0.25
-    pruning_distribution: str | None = None
+    # defaults chosen from bench/bench_allocation.py on SmolLM2-135M (see README)
+    pruning_distribution: str | None = "1:9"
     pruning_strategy: str = "inverse"
-    alpha: float = 1.0
+    alpha: float = 2.0
     min_pruning_rate: float = 0.0
     max_pruning_rate: float = 1.0
     freeze_top_n_layers: int = 0
@@ -58,10 +64,13 @@ class RunConfig:
     taylor_seq_len: int = 128
     taylor_batch_size: int = 4
     layer_importance_method: str = "removal"
-    layer_importance_samples: int = 16
+    layer_importance_samples: int = 8
     skip_importance_analysis: bool = False
     layer_importance_config: str | None = None
     pruning_mode: str = "layer"
+    compensation: str = "lstsq"
+    compensation_samples: int = 64
+    compensation_damp: float = DEFAULT_DAMP
     calibration_dataset: str = "wikitext2"
     eval_dataset: str = "wikitext2"
     eval_seq_len: int = 128
@@ -69,6 +78,12 @@ class RunConfig:
     eval_batch_size: int = 8
     test_original_ppl: bool = False
     test_after_prune: bool = False
+    # --- zero-shot and efficiency (issue 7; gqa_prune.evaluation) ---
+    eval_tasks: str | None = None
+    eval_limit: int | None = None
+    eval_include_path: str | None = None
+    measure_speed: bool = False
+    # --- end zero-shot and efficiency ---
     save_model: bool = False
     overwrite: bool = False
     device: str = "auto"
@@ -77,6 +92,30 @@ class RunConfig:
     data_dir: str | None = None
     gqa_ratio: int | None = None
     head_dim: int | None = None
+    # --- recovery fine-tuning (issue 6); each option is documented in FinetuneConfig ---
+    finetune: bool = False
+    finetune_method: str = _FT.method
+    finetune_lr: float | None = _FT.lr
+    finetune_epochs: float = _FT.epochs
+    finetune_samples: int = _FT.num_samples
+    finetune_max_tokens: int | None = _FT.max_tokens
+    finetune_batch_size: int = _FT.batch_size
+    finetune_seq_len: int = _FT.seq_len
+    finetune_grad_accum: int = _FT.grad_accum
+    finetune_max_grad_norm: float = _FT.max_grad_norm
+    finetune_weight_decay: float = _FT.weight_decay
+    finetune_warmup_steps: int = _FT.warmup_steps
+    finetune_scheduler: str = _FT.scheduler
+    finetune_dataset: str | None = None
+    finetune_snapshot_every: int = _FT.snapshot_every
+    lora_r: int = _FT.lora_r
+    lora_alpha: int = _FT.lora_alpha
+    lora_dropout: float = _FT.lora_dropout
+    lora_targets: str = _FT.lora_targets
+    distill_alpha: float = _FT.distill_alpha
+    distill_temperature: float = _FT.distill_temperature
+    distill_top_k: int | None = _FT.distill_top_k
+    # --- end recovery ---
     command: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -110,6 +149,16 @@ class RunConfig:
                 "--skip_importance_analysis needs --layer_importance_config PATH (a "
                 "layer_importance_config.json from an earlier run)"
             )
+        if self.compensation not in COMPENSATIONS:
+            raise GQAPruneError(
+                f"unknown --compensation '{self.compensation}'; choose one of "
+                f"{', '.join(COMPENSATIONS)}"
+            )
+        if not self.compensation_damp > 0:
+            raise GQAPruneError(
+                f"--compensation_damp must be > 0 (e.g. {DEFAULT_DAMP}), got "
+                f"{self.compensation_damp}"
+            )
         if self.aggregation not in AGGREGATIONS:
             raise GQAPruneError(
                 f"unknown --aggregation '{self.aggregation}'; choose one of {', '.join(AGGREGATIONS)}"
@@ -121,6 +170,7 @@ class RunConfig:
             )
         for name in (
             "channel_importance_samples",
+            "compensation_samples",
             "layer_importance_samples",
             "taylor_batch_size",
             "eval_batch_size",
@@ -153,6 +203,31 @@ class RunConfig:
                 f"--save_ckpt_log_name '{self.save_ckpt_log_name}' must be a plain folder name"
             )
         parse_distribution(self.pruning_distribution)
+        self._check_eval_tasks()  # issue 7
+        finetune_config_from_run(self)  # validates the recovery flags (also without --finetune)
+
+    @property
+    def finetune_config(self) -> FinetuneConfig:
+        """Settings of the recovery fine-tuning (``--finetune``)."""
+        return finetune_config_from_run(self)
+
+    def _check_eval_tasks(self) -> None:  # issue 7: zero-shot flags
+        if self.eval_tasks is not None:
+            parse_tasks(self.eval_tasks)
+        elif self.eval_limit is not None or self.eval_include_path is not None:
+            raise GQAPruneError("--eval_limit and --eval_include_path need --eval_tasks")
+        if self.eval_limit is not None and self.eval_limit <= 0:
+            raise GQAPruneError(f"--eval_limit must be positive, got {self.eval_limit}")
+        if self.eval_include_path is not None and not Path(self.eval_include_path).is_dir():
+            raise GQAPruneError(
+                f"--eval_include_path {self.eval_include_path} is not a folder; pass a folder "
+                "of lm-eval task YAML files"
+            )
+
+    @property
+    def eval_task_names(self) -> tuple[str, ...]:
+        """``--eval_tasks`` as a tuple (empty without the flag)."""
+        return () if self.eval_tasks is None else parse_tasks(self.eval_tasks)
 
     @property
     def distribution(self) -> tuple[float, float] | None:

@@ -86,7 +86,7 @@ def prune_model_(
     batch_size: int = 1,
     seed: int = 0,
     progress: bool = True,
-    compensation: Compensation | str = "none",
+    compensation: Compensation | str = "lstsq",
     compensation_ids: torch.Tensor | None = None,
     compensation_damp: float = DEFAULT_DAMP,
 ) -> PruneOutcome:
@@ -106,6 +106,9 @@ def prune_model_(
         seed: seed of the ``random`` criterion.
         compensation: ``none`` (plain deletion), ``lstsq`` or ``bias``: how the weights
             that stay are repaired, layer by layer (see ``gqa_prune.compensation``).
+            ``lstsq`` is the default because it wins clearly (SmolLM2-135M, 25% removed:
+            wikitext-2 perplexity 263 with plain deletion, 154 with ``lstsq``, 238 with
+            ``bias``; ``bench/bench_compensation.py``).
         compensation_ids: ``(num_samples, seq_len)`` calibration tokens of the compensation;
             None = ``calibration_ids``.
         compensation_damp: ridge strength of ``lstsq`` (relative to the Gram diagonal).

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,15 +23,19 @@ from gqa_prune.analysis import (
 from gqa_prune.config import RunConfig
 from gqa_prune.data import load_text, sample_calibration, tokenize_text
 from gqa_prune.errors import GQAPruneError
+from gqa_prune.evaluation.efficiency import SpeedResult, measure_speed, speedup  # issue 7
 from gqa_prune.evaluation.perplexity import PerplexityResult, evaluate_perplexity
+from gqa_prune.evaluation.zeroshot import ZeroShotResult, evaluate_zeroshot, task_manager
 from gqa_prune.io_utils import write_json_atomic
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.checkpoint import save_pruned
 from gqa_prune.models.geometry import GQAGeometry, heads_from_config
 from gqa_prune.models.loading import load_model
 from gqa_prune.pipeline import PruneOutcome, prune_model_
+from gqa_prune.recovery.steps import finetune_step, prepare_finetune  # recovery (issue 6)
 from gqa_prune.reporting.experiment import ExperimentDir, setup_logging
 from gqa_prune.reporting.plots import plot_pruning_strategy
+from gqa_prune.reporting.report import write_report  # issue 7
 
 log = logging.getLogger("gqa_prune.runner")
 
@@ -202,8 +208,25 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     # every input is checked before anything is written: a dry run of the allocation with
     # equal layer importance refuses an unreachable target now, not after the analysis
     allocate([1.0] * len(adapter.decoder_layers(model)), adapter.geometry(model), allocation_config(config))
+    # recovery (issue 6): settings checked now; distill keeps the dense model as its teacher
+    finetune_prep = (
+        prepare_finetune(config, exp, model, tokenizer, calib_tokens) if config.finetune else None
+    )
+    # issue 7: lm-eval installed and every --eval_tasks name known, before anything is written
+    tasks = config.eval_task_names
+    manager = task_manager(tasks, config.eval_include_path) if tasks else None
     exp.prepare()
     setup_logging(exp.run_dir / "training.log")
+
+    zeroshot: dict[str, ZeroShotResult] = {}  # issue 7
+
+    def zeroshot_step(stage: str) -> None:  # issue 7
+        t0 = time.perf_counter()
+        zeroshot[stage] = evaluate_zeroshot(
+            model, tokenizer, tasks, batch_size=config.eval_batch_size, limit=config.eval_limit,
+            include_path=config.eval_include_path, seed=config.seed, manager=manager,
+        )
+        timings[f"zeroshot_{stage}"] = time.perf_counter() - t0
 
     def perplexity(tokens: torch.Tensor) -> PerplexityResult:
         return evaluate_perplexity(
@@ -230,7 +253,21 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         ppl["before"] = perplexity(eval_tokens)
         timings["eval_before"] = time.perf_counter() - t0
         log.info("perplexity before pruning: %.3f", ppl["before"].ppl)
+    if tasks:  # issue 7
+        zeroshot_step("before")
+    speed: dict[str, SpeedResult] = {}  # issue 7
+    if config.measure_speed:
+        base_dir = Path(config.base_model).expanduser()
+        speed["dense"] = measure_speed(
+            model, label="dense", seed=config.seed,
+            checkpoint=base_dir if base_dir.is_dir() else None,
+        )
 
+    compensation_ids = None
+    if config.compensation != "none":
+        compensation_ids = sample_calibration(
+            calib_tokens, config.compensation_samples, config.taylor_seq_len, config.seed + 2
+        )
     t0 = time.perf_counter()
     outcome = prune_model_(
         model,
@@ -242,6 +279,9 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         mode=config.pruning_mode,  # type: ignore[arg-type]
         batch_size=config.taylor_batch_size,
         seed=config.seed,
+        compensation=config.compensation,
+        compensation_ids=compensation_ids,
+        compensation_damp=config.compensation_damp,
     )
     timings["prune"] = time.perf_counter() - t0
     outcome.plan.save(exp.path("pruning_plan.json"))
@@ -263,9 +303,37 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         save_pruned(model, tokenizer, exp.model_dir, overwrite=config.overwrite)
         timings["save"] = time.perf_counter() - t0
         log.info("saved the pruned model to %s", exp.model_dir)
+    if tasks:  # issue 7
+        zeroshot_step("after")
+    if config.measure_speed:  # issue 7
+        speed["pruned"] = measure_speed(
+            model, label="pruned", seed=config.seed,
+            checkpoint=exp.model_dir if config.save_model else None,
+        )
+
+    finetune_record = None
+    if finetune_prep is not None:  # recovery (issue 6): train, plot, save model_finetuned/
+        evaluate = None
+        if config.test_after_prune and eval_tokens is not None:
+            evaluate = partial(perplexity, eval_tokens)
+        finetune_record = finetune_step(
+            config, exp, model, tokenizer, finetune_prep, evaluate, ppl, timings
+        )
+        if tasks:  # issue 7
+            zeroshot_step("after_finetune")
 
     summary = build_summary(config, outcome, ppl, timings)
     summary["layer_importance"] = {"method": importance.method, "scores": list(importance.scores)}
     summary["allocation"] = outcome.allocation.to_dict()
+    if finetune_record is not None:
+        summary["finetune"] = finetune_record
+    if zeroshot:  # issue 7
+        summary["zeroshot"] = {k: v.to_dict() for k, v in zeroshot.items()}
+    if speed:  # issue 7
+        summary["efficiency"] = {
+            **{k: v.to_dict() for k, v in speed.items()},
+            "pruned_over_dense": speedup(speed["dense"], speed["pruned"]),
+        }
     write_json_atomic(exp.path("summary.json"), summary)
+    write_report(exp.root)  # issue 7: report.html, built from summary.json and the figures
     return summary

@@ -3,6 +3,8 @@
 Written by gqa-prune. Extra fields (one entry per decoder layer):
     layer_num_key_value_heads: KV heads kept in each layer (Q heads = KV heads x Q:KV ratio).
     layer_intermediate_sizes: MLP width of each layer.
+    layer_output_bias (optional, default false): o_proj and down_proj carry a bias in every
+        layer (FLAP-style bias compensation), whatever attention_bias / mlp_bias say.
 The global ``num_attention_heads`` / ``num_key_value_heads`` keep the unpruned values, so
 the Q:KV ratio and ``head_dim`` (stored explicitly) stay those of the original model.
 """

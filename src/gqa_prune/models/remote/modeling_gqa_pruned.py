@@ -23,19 +23,26 @@ from .configuration_gqa_pruned import (
 )
 
 
-def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+def _linear_like(
+    old: nn.Linear, in_features: int, out_features: int, bias: bool = False
+) -> nn.Linear:
     return nn.Linear(
         in_features,
         out_features,
-        bias=old.bias is not None,
+        bias=bias or old.bias is not None,
         device=old.weight.device,
         dtype=old.weight.dtype,
     )
 
 
 def resize_layers_to_config(model: nn.Module) -> None:
-    """Re-create q/k/v/o and gate/up/down of each layer at the sizes in ``model.config``."""
+    """Re-create q/k/v/o and gate/up/down of each layer at the sizes in ``model.config``.
+
+    ``layer_output_bias: true`` (FLAP-style bias compensation) gives o_proj and down_proj a
+    bias even where the family's ``attention_bias`` / ``mlp_bias`` would build none.
+    """
     config = model.config
+    out_bias = bool(getattr(config, "layer_output_bias", False))
     kv_heads = getattr(config, "layer_num_key_value_heads", None)
     inter = getattr(config, "layer_intermediate_sizes", None)
     n_q, n_kv = config.num_attention_heads, config.num_key_value_heads
@@ -50,13 +57,13 @@ def resize_layers_to_config(model: nn.Module) -> None:
             attn.q_proj = _linear_like(attn.q_proj, hidden, q_out)
             attn.k_proj = _linear_like(attn.k_proj, hidden, kv_out)
             attn.v_proj = _linear_like(attn.v_proj, hidden, kv_out)
-            attn.o_proj = _linear_like(attn.o_proj, q_out, hidden)
+            attn.o_proj = _linear_like(attn.o_proj, q_out, hidden, out_bias)
         if inter is not None:
             mlp = layer.mlp
             width = int(inter[i])
             mlp.gate_proj = _linear_like(mlp.gate_proj, hidden, width)
             mlp.up_proj = _linear_like(mlp.up_proj, hidden, width)
-            mlp.down_proj = _linear_like(mlp.down_proj, width, hidden)
+            mlp.down_proj = _linear_like(mlp.down_proj, width, hidden, out_bias)
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = width
 

@@ -1,0 +1,106 @@
+"""The tensor math of compensation: a ridge refit of kept input columns, and FLAP's bias.
+
+A projection ``y = x W^T`` (``W``: out x in) loses the input features ``R`` and keeps ``S``.
+On calibration inputs ``X`` (tokens x in) the dense output is ``X W^T``; after deletion it is
+``X_S W_S^T``, missing ``X_R W_R^T``. The kept columns absorb what they can of it::
+
+    W'_S = argmin_V  || X W^T - X_S V^T ||^2 + lam || V - W_S ||^2
+         = W_S + Delta,   Delta^T = (G_SS + lam I)^-1 G_SR W_R^T,   G = X^T X
+
+(the least-squares reconstruction of SlimGPT/ZipLM-style pruners, written as a correction of
+the kept weights). The ridge term pulls towards the *original* weights, not towards zero: a
+large ``lam`` falls back to plain deletion instead of shrinking ``W_S``, and with nothing
+removed the weights are returned unchanged. Since ``Delta = 0`` is a candidate, the error on
+the calibration inputs is never larger than that of plain deletion.
+
+FLAP (An et al. 2024) instead adds the removed features' mean contribution as an output bias:
+``b += W_R mean(X_R)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from gqa_prune.errors import GQAPruneError
+
+log = logging.getLogger(__name__)
+
+
+def split_features(
+    keep: Sequence[int] | torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, removed)`` feature indices (long tensors, ascending) of ``size`` features."""
+    kept = torch.as_tensor(keep, dtype=torch.long).sort().values
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[kept] = False
+    return kept, mask.nonzero().flatten()
+
+
+def ridge_refit(
+    weight: torch.Tensor, gram: torch.Tensor, keep: Sequence[int] | torch.Tensor, damp: float
+) -> torch.Tensor:
+    """Kept input columns of ``weight``, refitted to reproduce the dense output.
+
+    Args:
+        weight: ``(out, in)`` weight of the projection, before slicing.
+        gram: ``(in, in)`` ``X^T X`` of its calibration inputs (any float dtype).
+        keep: indices of the kept input features.
+        damp: ridge strength relative to the kept inputs' energy,
+            ``lam = damp * mean(diag(G_SS))``; must be > 0.
+
+    Returns:
+        ``(out, len(keep))`` new weights of the kept columns, in ``weight``'s dtype. The
+        solve runs in float64 (Cholesky; least squares if that fails).
+    """
+    if not damp > 0:
+        raise GQAPruneError(f"compensation damp must be > 0, got {damp}")
+    n_in = weight.shape[1]
+    if gram.shape != (n_in, n_in):
+        raise GQAPruneError(
+            f"Gram matrix of shape {tuple(gram.shape)} does not fit weight {tuple(weight.shape)}"
+        )
+    kept, removed = split_features(keep, n_in)
+    kept, removed = kept.to(weight.device), removed.to(weight.device)
+    w_kept = weight.index_select(1, kept)
+    if removed.numel() == 0:
+        return w_kept.clone()
+    # gather the blocks directly (no |S| x in intermediate); fp64 from here on
+    g_ss = gram[kept[:, None], kept].double()
+    lam = damp * g_ss.diagonal().mean()
+    if not lam > 0:  # kept inputs never active on the calibration data: nothing to fit
+        return w_kept.clone()
+    g_sr = gram[kept[:, None], removed].double()
+    rhs = g_sr @ weight.index_select(1, removed).double().T  # (|S|, out)
+    del g_sr
+    g_ss.diagonal().add_(lam)
+    info = torch.empty((), dtype=torch.int32, device=g_ss.device)
+    torch.linalg.cholesky_ex(g_ss, out=(g_ss, info))  # in place: one |S|^2 fp64 block
+    if int(info) == 0:
+        delta_t = torch.cholesky_solve(rhs, g_ss)
+    else:
+        log.warning("ridge refit: Cholesky failed (info %d); using least squares", int(info))
+        g_ss = gram[kept[:, None], kept].double()
+        g_ss.diagonal().add_(lam)
+        delta_t = torch.linalg.lstsq(g_ss.cpu(), rhs.cpu()).solution.to(rhs.device)
+    del g_ss, rhs
+    delta_t = delta_t.T.add_(w_kept)  # (out, |S|): W_S + Delta
+    return delta_t.to(weight.dtype)
+
+
+def removed_mean_contribution(
+    weight: torch.Tensor, input_mean: torch.Tensor, keep: Sequence[int] | torch.Tensor
+) -> torch.Tensor:
+    """FLAP's bias: ``W_R mean(X_R)``, shape ``(out,)``, in ``weight``'s dtype.
+
+    Args:
+        weight: ``(out, in)`` weight of the projection, before slicing.
+        input_mean: ``(in,)`` mean calibration input of the projection.
+        keep: indices of the kept input features.
+    """
+    _, removed = split_features(keep, weight.shape[1])
+    removed = removed.to(weight.device)
+    w_r = weight.index_select(1, removed).double()
+    return (w_r @ input_mean.to(weight.device).double().index_select(0, removed)).to(weight.dtype)

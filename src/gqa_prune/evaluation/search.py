@@ -1,0 +1,408 @@
+"""In-process search of the attention:MLP split of the removed parameters.
+
+The original code re-ran the whole pruning script once per split and parsed perplexity
+from stdout. Here everything that does not depend on the split is computed once on the
+dense model, and only the cheap part is repeated per candidate ``a:m``::
+
+    once:           layer importance  (calibration windows, seed + 1)
+                    unit scores       (Taylor gradients etc., calibration windows, seed)
+                    dense perplexity on the validation tokens
+    per candidate:  allocate(distribution=(a, m)) -> build_plan -> copy of the dense model
+                    -> slice it (with the compensation, windows seed + 2) -> perplexity
+                    on the validation tokens
+
+Scores are a property of the dense model, so a candidate pruned here equals
+``prune_model_`` on a fresh copy with the same calibration windows and ``a:m`` (the
+windows are drawn with the same seeds as ``gqa-prune`` itself). The compensation depends
+on the plan, so it is the part that is repeated.
+
+Validation, never the test split: the text is the calibration (non-test) split; its last
+``validation_fraction`` of tokens is held out for perplexity and the calibration windows
+are drawn only from the tokens before it, so the two never overlap.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from gqa_prune.allocation import Allocation, AllocationConfig, allocate, allocate_global
+from gqa_prune.analysis import compute_layer_importance
+from gqa_prune.compensation import DEFAULT_DAMP, apply_plan_sequential_, check_compensation
+from gqa_prune.data import sample_calibration, tokenize_text
+from gqa_prune.errors import GQAPruneError
+from gqa_prune.evaluation.perplexity import evaluate_perplexity
+from gqa_prune.importance import UnitScores, compute_unit_scores
+from gqa_prune.models.adapters import get_adapter
+from gqa_prune.models.geometry import GQAGeometry
+from gqa_prune.pipeline import build_plan
+from gqa_prune.slicing import apply_plan_
+
+log = logging.getLogger(__name__)
+
+Distribution = tuple[float, float]
+
+
+def parse_distributions(text: str) -> tuple[Distribution, ...]:
+    """``"0:10,1:9,2:8"`` -> ``((0.0, 10.0), (1.0, 9.0), (2.0, 8.0))``.
+
+    Raises:
+        GQAPruneError: an item is not ``a:m`` with non-negative numbers, not both zero, or
+            two items give the same attention share ``a / (a + m)``.
+    """
+    items = [t.strip() for t in str(text).split(",")]
+    if not any(items):
+        raise GQAPruneError(
+            "--distributions is empty; pass attention:MLP splits, e.g. 0:10,1:9,2:8"
+        )
+    out: list[Distribution] = []
+    for item in items:
+        parts = item.split(":")
+        try:
+            a, m = (float(p) for p in parts)
+        except ValueError:
+            raise GQAPruneError(
+                f"--distributions item '{item}' is not of the form a:m (e.g. 1:9); pass "
+                "comma-separated splits such as 0:10,1:9,2:8"
+            ) from None
+        if not (math.isfinite(a) and math.isfinite(m)) or a < 0 or m < 0 or a + m == 0:
+            raise GQAPruneError(
+                f"--distributions item '{item}' needs finite non-negative parts, not both zero"
+            )
+        out.append((a, m))
+    shares = [a / (a + m) for a, m in out]
+    for i, s in enumerate(shares):
+        if any(math.isclose(s, t, abs_tol=1e-12) for t in shares[:i]):
+            raise GQAPruneError(
+                f"--distributions item '{items[i]}' repeats the attention share of an "
+                "earlier item; list each split once"
+            )
+    return tuple(out)
+
+
+def split_validation(
+    tokens: torch.Tensor, validation_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a 1-D token stream into ``(calibration_part, validation_part)``: head and tail.
+
+    Raises:
+        GQAPruneError: the fraction is not in (0, 1) or either part would be shorter than
+            two tokens.
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise GQAPruneError(
+            f"--validation_fraction must be between 0 and 1 (exclusive), got {validation_fraction}"
+        )
+    cut = tokens.numel() - int(round(validation_fraction * tokens.numel()))
+    if cut < 2 or tokens.numel() - cut < 2:
+        raise GQAPruneError(
+            f"the calibration text has {tokens.numel()} tokens: too few to hold out "
+            f"{validation_fraction:.0%} for validation; use a longer text"
+        )
+    return tokens[:cut], tokens[cut:]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Settings of a split search (the rest of the allocation comes from ``allocation``).
+
+    Attributes:
+        distributions: candidate ``(a, m)`` splits of the removed parameters.
+        allocation: target ratio, strategy and constraints; its ``distribution`` is
+            replaced by each candidate.
+        mode: ``layer`` (``allocate``) or ``global`` (``allocate_global``).
+        layer_importance_method: ``removal``, ``activation`` or ``block_influence``.
+        layer_importance_samples: calibration windows for the layer importance.
+        criterion: unit importance criterion (``taylor``, ``magnitude``, ...).
+        aggregation: how a unit's element scores combine.
+        calibration_samples: calibration windows for the unit scores.
+        seq_len: tokens per calibration window.
+        batch_size: windows per forward/backward of the scoring.
+        validation_fraction: share of the text's tokens (its end) held out for validation.
+        eval_seq_len: perplexity window length.
+        eval_max_windows: evaluate only the first N validation windows (None = all).
+        eval_batch_size: windows per perplexity forward.
+        compensation: ``none``, ``lstsq`` or ``bias`` (see ``gqa_prune.compensation``).
+        compensation_samples: calibration windows of the compensation.
+        compensation_damp: ridge strength of ``lstsq``.
+        seed: seed of the calibration sampling (and of the ``random`` criterion).
+    """
+
+    distributions: tuple[Distribution, ...]
+    allocation: AllocationConfig
+    mode: Literal["layer", "global"] = "layer"
+    layer_importance_method: str = "removal"
+    layer_importance_samples: int = 8
+    criterion: str = "taylor"
+    aggregation: str = "sum"
+    calibration_samples: int = 32
+    seq_len: int = 128
+    batch_size: int = 4
+    validation_fraction: float = 0.1
+    eval_seq_len: int = 128
+    eval_max_windows: int | None = None
+    eval_batch_size: int = 8
+    compensation: str = "lstsq"
+    compensation_samples: int = 64
+    compensation_damp: float = DEFAULT_DAMP
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not self.distributions:
+            raise GQAPruneError("--distributions is empty; pass e.g. 0:10,1:9,2:8")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise GQAPruneError(
+                "--validation_fraction must be between 0 and 1 (exclusive), got "
+                f"{self.validation_fraction}"
+            )
+        check_compensation(self.compensation, self.compensation_damp)
+        if self.mode not in ("layer", "global"):
+            raise GQAPruneError(f"unknown --pruning_mode '{self.mode}'; choose layer or global")
+        if not self.allocation.prune_mlp or not self.allocation.prune_attention:
+            raise GQAPruneError(
+                "a split search needs both attention and MLP pruning (prune_attention and "
+                "prune_mlp True)"
+            )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One split and what it gave; ``error`` is set (and ``ppl`` None) when infeasible."""
+
+    distribution: Distribution
+    attention_share: float
+    ppl: float | None
+    achieved_ratio: float | None
+    attention_ratio: float | None
+    mlp_ratio: float | None
+    params_after: int | None
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        a, m = self.distribution
+        return f"{a:g}:{m:g}"
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Every candidate, the best one (lowest validation perplexity) and the shared inputs.
+
+    Attributes:
+        candidates: in the order given.
+        best: index into ``candidates``.
+        dense_ppl: perplexity of the unpruned model on the same validation tokens.
+        pruning_ratio: the target fraction of all parameters removed.
+        validation: where the validation tokens come from (dataset, token range, windows).
+        layer_importance: per-layer scores used by every candidate.
+        layer_importance_method: how they were measured.
+    """
+
+    candidates: tuple[Candidate, ...]
+    best: int
+    dense_ppl: float
+    pruning_ratio: float
+    validation: dict[str, Any]
+    layer_importance: tuple[float, ...]
+    layer_importance_method: str
+
+    @property
+    def best_candidate(self) -> Candidate:
+        return self.candidates[self.best]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["best_distribution"] = self.best_candidate.label
+        return d
+
+
+def _allocation(
+    config: SearchConfig,
+    distribution: Distribution,
+    importance: Sequence[float],
+    scores: UnitScores,
+    geometry: GQAGeometry,
+) -> Allocation:
+    alloc_config = replace(config.allocation, distribution=distribution)
+    if config.mode == "global":
+        return allocate_global(
+            scores.groups,  # type: ignore[arg-type]  # 1-D tensors act as sequences
+            scores.channels,  # type: ignore[arg-type]
+            geometry,
+            alloc_config,
+            importance=importance,
+        )
+    return allocate(importance, geometry, alloc_config)
+
+
+def _refuse_if_none_feasible(config: SearchConfig, geometry: GQAGeometry) -> None:
+    """Before the costly part: stop if no split is feasible even with equal importance.
+
+    (With the real importance a split may still turn out infeasible; it is then reported
+    in the result, not fatal.)
+    """
+    if config.mode != "layer":
+        return
+    errors = []
+    for dist in config.distributions:
+        try:
+            allocate(
+                [1.0] * geometry.num_layers, geometry, replace(config.allocation, distribution=dist)
+            )
+        except GQAPruneError as exc:
+            errors.append(str(exc))
+    if len(errors) == len(config.distributions):
+        raise GQAPruneError(f"no --distributions candidate is feasible: {errors[0]}")
+
+
+@dataclass
+class _Shared:
+    """What every candidate reuses: computed once on the dense model."""
+
+    importance: tuple[float, ...]
+    importance_method: str
+    scores: UnitScores
+    compensation_ids: torch.Tensor | None
+
+
+def _shared_inputs(
+    model: nn.Module, calib: torch.Tensor, config: SearchConfig, progress: bool
+) -> _Shared:
+    """Layer importance, unit scores and compensation windows, with ``gqa-prune``'s seeds."""
+    c = config
+    ids = sample_calibration(calib, c.layer_importance_samples, c.seq_len, c.seed + 1)
+    importance = compute_layer_importance(
+        model,
+        ids,
+        c.layer_importance_method,  # type: ignore[arg-type]  # checked by the analysis
+        batch_size=c.batch_size,
+        progress=progress,
+    )
+    calibration = sample_calibration(calib, c.calibration_samples, c.seq_len, c.seed)
+    scores = compute_unit_scores(
+        model, calibration, c.criterion, c.aggregation, c.batch_size, c.seed, progress
+    )
+    comp = None
+    if c.compensation != "none":
+        comp = sample_calibration(calib, c.compensation_samples, c.seq_len, c.seed + 2)
+    return _Shared(tuple(importance.scores), importance.method, scores, comp)
+
+
+def _candidate(
+    model: nn.Module,
+    dist: Distribution,
+    shared: _Shared,
+    config: SearchConfig,
+    perplexity: Callable[[nn.Module], float],
+    progress: bool,
+) -> Candidate:
+    """Prune a copy of the dense ``model`` with split ``dist`` and evaluate it."""
+    a, m = dist
+    geometry = get_adapter(model).geometry(model)
+    try:
+        allocation = _allocation(config, dist, shared.importance, shared.scores, geometry)
+    except GQAPruneError as exc:
+        log.warning("search: split %g:%g is infeasible: %s", a, m, exc)
+        return Candidate(dist, a / (a + m), None, None, None, None, None, str(exc))
+    pruned = copy.deepcopy(model)
+    plan = build_plan(shared.scores, allocation, geometry)
+    if shared.compensation_ids is None:
+        after = apply_plan_(pruned, plan)
+    else:
+        after = apply_plan_sequential_(
+            pruned, plan, shared.compensation_ids, config.compensation,
+            config.compensation_damp, config.batch_size, progress,
+        )  # fmt: skip
+    ppl = perplexity(pruned)
+    log.info("search: split %g:%g -> validation perplexity %.3f", a, m, ppl)
+    return Candidate(
+        distribution=dist,
+        attention_share=a / (a + m),
+        ppl=ppl,
+        achieved_ratio=allocation.achieved_ratio,
+        attention_ratio=1 - sum(after.kv_heads) / sum(geometry.kv_heads),
+        mlp_ratio=1 - sum(after.intermediate_sizes) / sum(geometry.intermediate_sizes),
+        params_after=after.total_params,
+    )
+
+
+def search_distributions(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    config: SearchConfig,
+    *,
+    dataset: str = "",
+    progress: bool = True,
+) -> SearchResult:
+    """Prune a copy of ``model`` per candidate split; rank them by validation perplexity.
+
+    ``model`` itself is not changed (its gradients are used for Taylor scores, then freed).
+
+    Args:
+        model: the dense causal LM.
+        tokenizer: its tokenizer.
+        text: calibration (non-test) text; its tail is the validation set.
+        config: candidates and settings.
+        dataset: name recorded with the result.
+        progress: show progress bars.
+
+    Returns:
+        The candidates with their perplexities; ``best`` = lowest perplexity.
+
+    Raises:
+        GQAPruneError: bad settings, too little text, or no candidate is feasible.
+    """
+    calib, val = split_validation(tokenize_text(tokenizer, text), config.validation_fraction)
+    _refuse_if_none_feasible(config, get_adapter(model).geometry(model))
+
+    def perplexity(m: nn.Module) -> float:
+        return evaluate_perplexity(
+            m, val, config.eval_seq_len, config.eval_max_windows, config.eval_batch_size,
+            dataset=dataset, progress=progress,
+        ).ppl  # fmt: skip
+
+    shared = _shared_inputs(model, calib, config, progress)
+    dense_ppl = perplexity(model)
+    log.info("search: dense validation perplexity %.3f", dense_ppl)
+    candidates = tuple(
+        _candidate(model, dist, shared, config, perplexity, progress)
+        for dist in config.distributions
+    )
+    ppls = {i: c.ppl for i, c in enumerate(candidates) if c.ppl is not None}
+    if not ppls:
+        raise GQAPruneError(f"no --distributions candidate is feasible: {candidates[0].error}")
+    finite = {i: p for i, p in ppls.items() if math.isfinite(p)} or ppls
+    return SearchResult(
+        candidates=candidates,
+        best=min(finite, key=finite.__getitem__),
+        dense_ppl=dense_ppl,
+        pruning_ratio=config.allocation.pruning_ratio,
+        validation={
+            "dataset": dataset,
+            "split": "calibration (non-test) split, held-out tail",
+            "first_token": int(calib.numel()),
+            "num_tokens": int(val.numel()),
+            "seq_len": config.eval_seq_len,
+            "max_windows": config.eval_max_windows,
+        },
+        layer_importance=shared.importance,
+        layer_importance_method=shared.importance_method,
+    )
+
+
+__all__ = [
+    "Candidate",
+    "SearchConfig",
+    "SearchResult",
+    "parse_distributions",
+    "search_distributions",
+    "split_validation",
+]
