@@ -24,7 +24,7 @@ import torch
 from gqa_prune.allocation import AllocationConfig, allocate, allocate_global
 from gqa_prune.analysis import compute_layer_importance
 from gqa_prune.compensation import apply_plan_sequential_
-from gqa_prune.config import parse_distribution
+from gqa_prune.config import STRATEGIES, RunConfig, parse_distribution
 from gqa_prune.data import load_text, sample_calibration, tokenize_text
 from gqa_prune.evaluation.perplexity import evaluate_perplexity
 from gqa_prune.importance import compute_unit_scores
@@ -81,8 +81,14 @@ def main() -> None:
     p.add_argument("--compensation_samples", type=int, default=64)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--eval_windows", type=int, default=40)
-    p.add_argument("--strategy", default="inverse", choices=["inverse", "proportional", "uniform"])
-    p.add_argument("--distribution", default=None, help="attention:MLP share, e.g. 1:9")
+    d = RunConfig()  # the allocation defaults, chosen by bench/bench_allocation.py
+    p.add_argument("--strategy", default=d.pruning_strategy, choices=list(STRATEGIES))
+    p.add_argument("--alpha", type=float, default=d.alpha, help="importance weighting strength")
+    p.add_argument(
+        "--distribution",
+        default=d.pruning_distribution,
+        help="attention:MLP share of the removed parameters, e.g. 1:9",
+    )
     p.add_argument("--mode", default="layer", choices=["layer", "global"])
     p.add_argument("--damps", default="1e-3,1e-2,1e-1", help="lstsq damp values, comma-separated")
     p.add_argument("--no_bias", action="store_true", help="skip the bias row")
@@ -112,6 +118,7 @@ def main() -> None:
     config = AllocationConfig(
         pruning_ratio=args.ratio,
         strategy=args.strategy,  # type: ignore[arg-type]
+        alpha=args.alpha,
         distribution=parse_distribution(args.distribution),
     )
     importance = [1.0] * geometry.num_layers
@@ -152,7 +159,7 @@ def main() -> None:
 
     none_ppl = rows[0][1]
     n_tok = min(args.eval_windows, eval_tokens.numel() // args.seq_len) * (args.seq_len - 1)
-    alloc_name = f"{args.mode} mode, {args.strategy}" + (
+    alloc_name = f"{args.mode} mode, {args.strategy}, alpha {args.alpha:g}" + (
         f", distribution {args.distribution}" if args.distribution else ""
     )
     print(

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model
 from gqa_prune.analysis.decoder_stack import hidden_of, trace_decoder_stack
+from gqa_prune.cli import main
 from gqa_prune.compensation import (
     OUTPUT_BIAS_FLAG,
     apply_plan_sequential_,
@@ -19,6 +19,8 @@ from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.checkpoint import load_pruned, save_pruned
 from gqa_prune.plan import LayerPlan, PruningPlan
 from gqa_prune.slicing import apply_plan_
+
+from conftest import tiny_args, tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -291,9 +293,6 @@ def test_bad_settings_are_refused(calib, kwargs, match):
 # ------------------------------------------------------------------------ CLI
 @pytest.mark.parametrize("compensation", ["lstsq", "bias"])
 def test_cli_runs_with_compensation_and_the_checkpoint_reloads(tiny_run, compensation):
-    from conftest import tiny_args
-    from gqa_prune.cli import main
-
     argv = tiny_args(
         tiny_run,
         "--prune_mlp",
@@ -312,9 +311,6 @@ def test_cli_runs_with_compensation_and_the_checkpoint_reloads(tiny_run, compens
 
 
 def test_cli_refuses_an_unknown_compensation(tiny_run, capsys):
-    from conftest import tiny_args
-    from gqa_prune.cli import main
-
     with pytest.raises(SystemExit) as exc:
         main(tiny_args(tiny_run, "--compensation", "obs"))
     assert exc.value.code == 2

@@ -381,3 +381,40 @@ def test_cli_refuses_bad_recovery_flags(tiny_run, capsys, flags, message):
     assert main(tiny_args(tiny_run, "--finetune", *flags)) == 2
     assert message in capsys.readouterr().err
     assert not (tiny_run["logs"] / "gqa_prune_run").exists()
+
+
+def test_standalone_command_recovers_a_saved_pruned_model(tiny_run, capsys):
+    from gqa_prune.recovery.cli import main as finetune_main
+
+    assert (
+        main(tiny_args(tiny_run, "--prune_mlp", "--save_model", "--save_ckpt_log_name", "s")) == 0
+    )
+    exp = tiny_run["logs"] / "s"
+    args = [
+        "--model",
+        str(exp / "model"),
+        "--finetune_method",
+        "lora",
+        "--lora_targets",
+        "mlp",
+        "--data_dir",
+        tiny_run["data"],
+        "--finetune_samples",
+        "8",
+        "--finetune_seq_len",
+        "32",
+        "--device",
+        "cpu",
+        "--test_after_finetune",
+        "--eval_seq_len",
+        "32",
+        "--eval_max_windows",
+        "2",
+    ]
+    assert finetune_main(args) == 0
+    record = json.loads((exp / "finetune.json").read_text())
+    assert record["steps"] == 2 and record["perplexity_after_finetune"]["num_tokens"] > 0
+    assert (exp / "finetune_loss.png").is_file()
+    load_pruned(exp / "model_finetuned", device="cpu")
+    assert finetune_main(args) == 2  # the output exists: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err

@@ -146,7 +146,7 @@ def apply_plan_sequential_(
         _prune_layer_(layer, by_layer[i], plan, states, calls[i], adapter, compensation, damp)
         if i + 1 < len(layers):
             for b, (hidden, call) in enumerate(zip(states, calls[i], strict=True)):
-                _run_layer(layer, hidden, call)
+                states[b] = _run_layer(layer, hidden, call)
     del states, calls
     model.train(was_training)
     geometry = adapter.geometry(model)
