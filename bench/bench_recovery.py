@@ -42,7 +42,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192, help="training tokens per method")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--methods", default="lora,full,distill")
+    p.add_argument("--methods", default="lora,full,distill", help="comma-separated; '' = none")
+    p.add_argument(
+        "--dense_baseline",
+        action="store_true",
+        help="also fine-tune the DENSE model (full, --lr_full, same tokens): how much of the "
+        "gain is adaptation to the text rather than recovery from pruning",
+    )
     p.add_argument("--lr_lora", type=float, default=5e-4)
     p.add_argument("--lr_full", type=float, default=5e-5)
     p.add_argument("--lr_distill", type=float, default=5e-5)
@@ -99,8 +105,11 @@ def main() -> None:
         ("pruned, no recovery", "", 0, 0, None, pruned_ppl, pruned_s, None),
     ]
     lrs = {"lora": args.lr_lora, "full": args.lr_full, "distill": args.lr_distill}
-    for method in args.methods.split(","):
-        model = copy.deepcopy(pruned)
+    runs = [(m, pruned, m) for m in args.methods.split(",") if m]
+    if args.dense_baseline:
+        runs.append(("dense + full", dense, "full"))
+    for name, start, method in runs:
+        model = copy.deepcopy(start)
         config = FinetuneConfig(
             method=method,  # type: ignore[arg-type]
             lr=lrs[method],
@@ -117,7 +126,7 @@ def main() -> None:
         value, seconds = ppl(model)
         rows.append(
             (
-                method,
+                name,
                 f"{lrs[method]:g}",
                 result.steps,
                 result.tokens,
