@@ -97,7 +97,8 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "auto") -> 
     dev = resolve_device(device)
     model = cls.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # the tokenizer needs no model code: never ask about the shipped modeling files
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
