@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-
 HEADS = {  # kind -> (config class name, heads settings)
     "llama4": ("llama", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8)),
     "llama3": ("llama", dict(num_attention_heads=6, num_key_value_heads=2, head_dim=8)),

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.importance.base import AGGREGATIONS
@@ -15,6 +14,8 @@ from gqa_prune.importance.taylor import (
     taylor_first_order,
     taylor_second_order,
 )
+
+from conftest import tiny_model
 
 
 def _ids(n=2, seq=8, seed=3):

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KINDS, tiny_model
 
 from gqa_prune.analysis.decoder_stack import (
     OutputHead,
@@ -26,6 +25,8 @@ from gqa_prune.analysis.layer_importance import (
     removal_importance_naive,
 )
 from gqa_prune.errors import GQAPruneError
+
+from conftest import KINDS, tiny_model
 
 # A larger init than HF's 0.02 so that layers change the loss visibly and differently.
 INIT = 0.2

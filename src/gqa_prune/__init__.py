@@ -18,6 +18,7 @@ from gqa_prune.models.geometry import GQAGeometry
 from gqa_prune.models.loading import load_model
 from gqa_prune.pipeline import build_plan, prune_model_, select_gqa_groups_to_prune
 from gqa_prune.plan import LayerPlan, PruningPlan
+from gqa_prune.recovery import FinetuneConfig, FinetuneResult, finetune_
 from gqa_prune.runner import run_experiment
 from gqa_prune.slicing import apply_plan_, prune_attention_by_gqa_groups, prune_mlp_channels
 
@@ -28,6 +29,8 @@ __all__ = [
     "AllocationConfig",
     "GQAGeometry",
     "GQAPruneError",
+    "FinetuneConfig",
+    "FinetuneResult",
     "LayerPlan",
     "PPLMetric",
     "PerplexityResult",
@@ -42,6 +45,7 @@ __all__ = [
     "compute_mlp_channel_importance",
     "compute_unit_scores",
     "evaluate_perplexity",
+    "finetune_",
     "get_adapter",
     "load_model",
     "load_pruned",

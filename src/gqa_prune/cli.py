@@ -41,94 +41,187 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and output")
-    g.add_argument("--base_model", default=d.base_model,
-                   help="HF folder, hub id, .gguf file or built-in name (smollm2-135m)")
-    g.add_argument("--save_ckpt_log_name", default=d.save_ckpt_log_name,
-                   help="experiment name: outputs go to <log_root>/<name>/")
+    g.add_argument(
+        "--base_model",
+        default=d.base_model,
+        help="HF folder, hub id, .gguf file or built-in name (smollm2-135m)",
+    )
+    g.add_argument(
+        "--save_ckpt_log_name",
+        default=d.save_ckpt_log_name,
+        help="experiment name: outputs go to <log_root>/<name>/",
+    )
     g.add_argument("--log_root", default=d.log_root, help="folder holding experiment folders")
     g.add_argument("--save_model", action="store_true", help="save the pruned checkpoint to model/")
     g.add_argument("--overwrite", action="store_true", help="replace an existing saved model")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--gqa_ratio", type=int, default=None,
-                   help="compatibility only: must equal the config's Q:KV ratio")
-    g.add_argument("--head_dim", type=int, default=None,
-                   help="compatibility only: must equal the config's head_dim")
+    g.add_argument(
+        "--gqa_ratio",
+        type=int,
+        default=None,
+        help="compatibility only: must equal the config's Q:KV ratio",
+    )
+    g.add_argument(
+        "--head_dim",
+        type=int,
+        default=None,
+        help="compatibility only: must equal the config's head_dim",
+    )
 
     g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default=d.data_dir,
-                   help="folder with local data copies (else $GQA_PRUNE_DATA_DIR, else the hub)")
-    g.add_argument("--calibration_dataset", default=d.calibration_dataset,
-                   help="name (wikitext2, ptb, c4) or text file; a non-test split is used")
+    g.add_argument(
+        "--data_dir",
+        default=d.data_dir,
+        help="folder with local data copies (else $GQA_PRUNE_DATA_DIR, else the hub)",
+    )
+    g.add_argument(
+        "--calibration_dataset",
+        default=d.calibration_dataset,
+        help="name (wikitext2, ptb, c4) or text file; a non-test split is used",
+    )
     g.add_argument("--eval_dataset", default=d.eval_dataset, help="name or text file (test split)")
 
     g = p.add_argument_group("1. layer importance")
-    g.add_argument("--layer_importance_method", default=d.layer_importance_method,
-                   choices=LAYER_IMPORTANCE_METHODS)
-    g.add_argument("--layer_importance_samples", type=int, default=d.layer_importance_samples,
-                   help="calibration sequences (of --taylor_seq_len tokens) for layer importance")
-    g.add_argument("--skip_importance_analysis", action="store_true",
-                   help="reuse a saved layer importance (needs --layer_importance_config)")
-    g.add_argument("--layer_importance_config", default=None,
-                   help="layer_importance_config.json to reuse")
+    g.add_argument(
+        "--layer_importance_method",
+        default=d.layer_importance_method,
+        choices=LAYER_IMPORTANCE_METHODS,
+    )
+    g.add_argument(
+        "--layer_importance_samples",
+        type=int,
+        default=d.layer_importance_samples,
+        help="calibration sequences (of --taylor_seq_len tokens) for layer importance",
+    )
+    g.add_argument(
+        "--skip_importance_analysis",
+        action="store_true",
+        help="reuse a saved layer importance (needs --layer_importance_config)",
+    )
+    g.add_argument(
+        "--layer_importance_config", default=None, help="layer_importance_config.json to reuse"
+    )
 
     g = p.add_argument_group("2. per-layer allocation")
-    g.add_argument("--pruning_ratio", type=float, default=d.pruning_ratio,
-                   help="fraction of TOTAL parameters to remove (embeddings count)")
-    g.add_argument("--pruning_mode", default=d.pruning_mode, choices=PRUNING_MODES,
-                   help="layer: per-layer budgets from layer importance; global: cheapest "
-                        "units across layers by score per parameter")
+    g.add_argument(
+        "--pruning_ratio",
+        type=float,
+        default=d.pruning_ratio,
+        help="fraction of TOTAL parameters to remove (embeddings count)",
+    )
+    g.add_argument(
+        "--pruning_mode",
+        default=d.pruning_mode,
+        choices=PRUNING_MODES,
+        help="layer: per-layer budgets from layer importance; global: cheapest "
+        "units across layers by score per parameter",
+    )
     g.add_argument("--pruning_strategy", default=d.pruning_strategy, choices=STRATEGIES)
-    g.add_argument("--alpha", "--layer_importance_weight", dest="alpha", type=float,
-                   default=d.alpha, help="strength of the importance weighting")
-    g.add_argument("--pruning_distribution", default=d.pruning_distribution,
-                   help="attention:MLP share of removed parameters (a:m), or auto = equal rates")
+    g.add_argument(
+        "--alpha",
+        "--layer_importance_weight",
+        dest="alpha",
+        type=float,
+        default=d.alpha,
+        help="strength of the importance weighting",
+    )
+    g.add_argument(
+        "--pruning_distribution",
+        default=d.pruning_distribution,
+        help="attention:MLP share of removed parameters (a:m), or auto = equal rates",
+    )
     g.add_argument("--min_pruning_rate", type=float, default=d.min_pruning_rate)
     g.add_argument("--max_pruning_rate", type=float, default=d.max_pruning_rate)
     g.add_argument("--freeze_top_n_layers", type=int, default=d.freeze_top_n_layers)
     g.add_argument("--layer_start", type=_positive_or_none, default=d.layer_start)
     g.add_argument("--layer_end", type=_positive_or_none, default=d.layer_end)
-    g.add_argument("--mlp_round_to", type=int, default=d.mlp_round_to,
-                   help="kept MLP widths are multiples of this (8/64/128 run faster)")
+    g.add_argument(
+        "--mlp_round_to",
+        type=int,
+        default=d.mlp_round_to,
+        help="kept MLP widths are multiples of this (8/64/128 run faster)",
+    )
     g.add_argument("--prune_mlp", action="store_true", help="prune MLP channels too")
 
     g = p.add_argument_group("3. unit importance")
-    g.add_argument("--importance", default=d.importance, choices=IMPORTANCE_CRITERIA,
-                   help="score of a GQA group / MLP channel")
-    g.add_argument("--aggregation", default=d.aggregation, choices=AGGREGATIONS,
-                   help="how a unit's element scores combine")
-    g.add_argument("--channel_importance_samples", type=int, default=d.channel_importance_samples,
-                   help="calibration sequences for the Taylor gradients")
+    g.add_argument(
+        "--importance",
+        default=d.importance,
+        choices=IMPORTANCE_CRITERIA,
+        help="score of a GQA group / MLP channel",
+    )
+    g.add_argument(
+        "--aggregation",
+        default=d.aggregation,
+        choices=AGGREGATIONS,
+        help="how a unit's element scores combine",
+    )
+    g.add_argument(
+        "--channel_importance_samples",
+        type=int,
+        default=d.channel_importance_samples,
+        help="calibration sequences for the Taylor gradients",
+    )
     g.add_argument("--taylor_seq_len", type=int, default=d.taylor_seq_len)
     g.add_argument("--taylor_batch_size", type=int, default=d.taylor_batch_size)
 
     g = p.add_argument_group("3b. compensation (repair the weights that stay, layer by layer)")
-    g.add_argument("--compensation", default=d.compensation, choices=COMPENSATIONS,
-                   help="none: plain deletion; lstsq: ridge refit of o_proj/down_proj kept "
-                        "columns; bias: FLAP mean contribution as an output bias")
-    g.add_argument("--compensation_samples", type=int, default=d.compensation_samples,
-                   help="calibration sequences (of --taylor_seq_len tokens) for compensation")
-    g.add_argument("--compensation_damp", type=float, default=d.compensation_damp,
-                   help="lstsq ridge strength, relative to the mean diagonal of the Gram matrix")
+    g.add_argument(
+        "--compensation",
+        default=d.compensation,
+        choices=COMPENSATIONS,
+        help="none: plain deletion; lstsq: ridge refit of o_proj/down_proj kept "
+        "columns; bias: FLAP mean contribution as an output bias",
+    )
+    g.add_argument(
+        "--compensation_samples",
+        type=int,
+        default=d.compensation_samples,
+        help="calibration sequences (of --taylor_seq_len tokens) for compensation",
+    )
+    g.add_argument(
+        "--compensation_damp",
+        type=float,
+        default=d.compensation_damp,
+        help="lstsq ridge strength, relative to the mean diagonal of the Gram matrix",
+    )
 
     g = p.add_argument_group("5. evaluation")
     g.add_argument("--test_original_ppl", action="store_true", help="perplexity before pruning")
     g.add_argument("--test_after_prune", action="store_true", help="perplexity after pruning")
     g.add_argument("--eval_seq_len", type=int, default=d.eval_seq_len)
-    g.add_argument("--eval_max_windows", type=_positive_or_none, default=d.eval_max_windows,
-                   help="evaluate only the first N windows (default: all)")
+    g.add_argument(
+        "--eval_max_windows",
+        type=_positive_or_none,
+        default=d.eval_max_windows,
+        help="evaluate only the first N windows (default: all)",
+    )
     g.add_argument("--eval_batch_size", type=int, default=d.eval_batch_size)
-    # --- zero-shot and efficiency (issue 7; gqa_prune.evaluation) ---
-    g.add_argument("--eval_tasks", default=d.eval_tasks,
-                   help="lm-evaluation-harness tasks before and after pruning, e.g. "
-                        "boolq,piqa,hellaswag (needs pip install 'gqa-prune[eval]')")
-    g.add_argument("--eval_limit", type=_positive_or_none, default=d.eval_limit,
-                   help="items per zero-shot task (default: all)")
-    g.add_argument("--eval_include_path", default=d.eval_include_path,
-                   help="folder of extra lm-eval task YAML files (local tasks, offline)")
-    g.add_argument("--measure_speed", action="store_true",
-                   help="prefill/decode tokens/s and peak memory, dense vs pruned")
+    # --- zero-shot and efficiency (gqa_prune.evaluation) ---
+    g.add_argument(
+        "--eval_tasks",
+        default=d.eval_tasks,
+        help="lm-evaluation-harness tasks before and after pruning, e.g. "
+        "boolq,piqa,hellaswag (needs pip install 'gqa-prune[eval]')",
+    )
+    g.add_argument(
+        "--eval_limit",
+        type=_positive_or_none,
+        default=d.eval_limit,
+        help="items per zero-shot task (default: all)",
+    )
+    g.add_argument(
+        "--eval_include_path",
+        default=d.eval_include_path,
+        help="folder of extra lm-eval task YAML files (local tasks, offline)",
+    )
+    g.add_argument(
+        "--measure_speed",
+        action="store_true",
+        help="prefill/decode tokens/s and peak memory, dense vs pruned",
+    )
     # --- end zero-shot and efficiency ---
     add_finetune_arguments(p)  # 6. recovery fine-tuning (gqa_prune.recovery)
     return p
@@ -146,31 +239,54 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows = [
         ("parameters before", f"{summary['params_before']:,}"),
         ("parameters after", f"{summary['params_after']:,}"),
-        ("removed (total)", f"{100 * summary['actual_ratio_total']:.2f}% "
-                            f"(target {100 * summary['target_ratio']:.2f}%)"),
+        (
+            "removed (total)",
+            f"{100 * summary['actual_ratio_total']:.2f}% "
+            f"(target {100 * summary['target_ratio']:.2f}%)",
+        ),
         ("removed (attention+MLP)", f"{100 * summary['actual_ratio_attention_mlp']:.2f}%"),
-        ("GQA ratio kept in every layer",
-         f"{summary['gqa_ratio_kept_in_every_layer']} ({summary['gqa_ratio']}:1)"),
+        (
+            "GQA ratio kept in every layer",
+            f"{summary['gqa_ratio_kept_in_every_layer']} ({summary['gqa_ratio']}:1)",
+        ),
     ]
     for key, res in summary["perplexity"].items():
-        rows.append((f"perplexity {key}",
-                     f"{res['ppl']:.3f} ({res['dataset']}, seq_len {res['seq_len']}, "
-                     f"{res['num_tokens']:,} tokens)"))
-    if "finetune" in summary:  # recovery (issue 6)
+        rows.append(
+            (
+                f"perplexity {key}",
+                f"{res['ppl']:.3f} ({res['dataset']}, seq_len {res['seq_len']}, "
+                f"{res['num_tokens']:,} tokens)",
+            )
+        )
+    if "finetune" in summary:
         ft = summary["finetune"]
         loss = "n/a" if ft["final_loss"] is None else f"{ft['final_loss']:.4f}"
-        rows.append(("fine-tuning", f"{ft['method']}: {ft['steps']} steps, {ft['tokens']:,} "
-                                    f"tokens, {ft['wall_time_s']:.1f} s, final loss {loss}"))
+        rows.append(
+            (
+                "fine-tuning",
+                f"{ft['method']}: {ft['steps']} steps, {ft['tokens']:,} "
+                f"tokens, {ft['wall_time_s']:.1f} s, final loss {loss}",
+            )
+        )
         if ft.get("message"):
             rows.append(("fine-tuning stopped", ft["message"]))
-    for key, res in summary.get("zeroshot", {}).items():  # issue 7
+    for key, res in summary.get("zeroshot", {}).items():
         mean = res["mean_acc"]
-        rows.append((f"zero-shot {key}", f"mean acc {'n/a' if mean is None else f'{mean:.4f}'} "
-                                         f"({', '.join(res['requested'])})"))
-    if "efficiency" in summary:  # issue 7
+        rows.append(
+            (
+                f"zero-shot {key}",
+                f"mean acc {'n/a' if mean is None else f'{mean:.4f}'} "
+                f"({', '.join(res['requested'])})",
+            )
+        )
+    if "efficiency" in summary:
         ratio = summary["efficiency"]["pruned_over_dense"]
-        rows.append(("speed pruned / dense", f"prefill {ratio['prefill']:.2f}x, decode "
-                                             f"{ratio['decode']:.2f}x"))
+        rows.append(
+            (
+                "speed pruned / dense",
+                f"prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -178,8 +294,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 # Sub-commands: name -> "module:function"; the function takes the remaining arguments and
 # returns an exit status. Imported lazily so that `gqa-prune --help` stays fast.
 SUBCOMMANDS: dict[str, str] = {
-    "search": "gqa_prune.evaluation.cli:search_main",  # issue 7
-    "bench-speed": "gqa_prune.evaluation.cli:bench_speed_main",  # issue 7
+    "search": "gqa_prune.evaluation.cli:search_main",
+    "bench-speed": "gqa_prune.evaluation.cli:bench_speed_main",
 }
 
 

@@ -9,10 +9,10 @@ from typing import Any
 from gqa_prune.analysis import layer_importance_methods
 from gqa_prune.compensation import COMPENSATIONS, DEFAULT_DAMP
 from gqa_prune.errors import GQAPruneError
-from gqa_prune.evaluation.zeroshot import parse_tasks  # issue 7 (no lm-eval import)
+from gqa_prune.evaluation.zeroshot import parse_tasks  # does not import lm-eval
 from gqa_prune.importance import AGGREGATIONS
 from gqa_prune.importance import CRITERIA as IMPORTANCE_CRITERIA
-from gqa_prune.recovery.config import FINETUNE_DEFAULTS as _FT  # recovery (issue 6)
+from gqa_prune.recovery.config import FINETUNE_DEFAULTS as _FT
 from gqa_prune.recovery.config import FinetuneConfig, finetune_config_from_run
 
 LAYER_IMPORTANCE_METHODS = layer_importance_methods()
@@ -78,7 +78,7 @@ class RunConfig:
     eval_batch_size: int = 8
     test_original_ppl: bool = False
     test_after_prune: bool = False
-    # --- zero-shot and efficiency (issue 7; gqa_prune.evaluation) ---
+    # --- zero-shot and efficiency (gqa_prune.evaluation) ---
     eval_tasks: str | None = None
     eval_limit: int | None = None
     eval_include_path: str | None = None
@@ -92,7 +92,7 @@ class RunConfig:
     data_dir: str | None = None
     gqa_ratio: int | None = None
     head_dim: int | None = None
-    # --- recovery fine-tuning (issue 6); each option is documented in FinetuneConfig ---
+    # --- recovery fine-tuning; each option is documented in FinetuneConfig ---
     finetune: bool = False
     finetune_method: str = _FT.method
     finetune_lr: float | None = _FT.lr
@@ -142,7 +142,8 @@ class RunConfig:
             )
         if self.pruning_mode not in PRUNING_MODES:
             raise GQAPruneError(
-                f"unknown --pruning_mode '{self.pruning_mode}'; choose one of {', '.join(PRUNING_MODES)}"
+                f"unknown --pruning_mode '{self.pruning_mode}'; choose one of "
+                f"{', '.join(PRUNING_MODES)}"
             )
         if self.skip_importance_analysis and not self.layer_importance_config:
             raise GQAPruneError(
@@ -161,7 +162,8 @@ class RunConfig:
             )
         if self.aggregation not in AGGREGATIONS:
             raise GQAPruneError(
-                f"unknown --aggregation '{self.aggregation}'; choose one of {', '.join(AGGREGATIONS)}"
+                f"unknown --aggregation '{self.aggregation}'; choose one of "
+                f"{', '.join(AGGREGATIONS)}"
             )
         if self.layer_importance_method not in LAYER_IMPORTANCE_METHODS:
             raise GQAPruneError(
@@ -177,7 +179,9 @@ class RunConfig:
             "mlp_round_to",
         ):
             if getattr(self, name) <= 0:
-                raise GQAPruneError(f"--{name} must be a positive number, got {getattr(self, name)}")
+                raise GQAPruneError(
+                    f"--{name} must be a positive number, got {getattr(self, name)}"
+                )
         for name in ("taylor_seq_len", "eval_seq_len"):
             if getattr(self, name) < 2:
                 raise GQAPruneError(f"--{name} must be at least 2, got {getattr(self, name)}")
@@ -203,7 +207,7 @@ class RunConfig:
                 f"--save_ckpt_log_name '{self.save_ckpt_log_name}' must be a plain folder name"
             )
         parse_distribution(self.pruning_distribution)
-        self._check_eval_tasks()  # issue 7
+        self._check_eval_tasks()
         finetune_config_from_run(self)  # validates the recovery flags (also without --finetune)
 
     @property
@@ -211,7 +215,7 @@ class RunConfig:
         """Settings of the recovery fine-tuning (``--finetune``)."""
         return finetune_config_from_run(self)
 
-    def _check_eval_tasks(self) -> None:  # issue 7: zero-shot flags
+    def _check_eval_tasks(self) -> None:  # zero-shot flags
         if self.eval_tasks is not None:
             parse_tasks(self.eval_tasks)
         elif self.eval_limit is not None or self.eval_include_path is not None:

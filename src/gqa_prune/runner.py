@@ -23,7 +23,7 @@ from gqa_prune.analysis import (
 from gqa_prune.config import RunConfig
 from gqa_prune.data import load_text, sample_calibration, tokenize_text
 from gqa_prune.errors import GQAPruneError
-from gqa_prune.evaluation.efficiency import SpeedResult, measure_speed, speedup  # issue 7
+from gqa_prune.evaluation.efficiency import SpeedResult, measure_speed, speedup
 from gqa_prune.evaluation.perplexity import PerplexityResult, evaluate_perplexity
 from gqa_prune.evaluation.zeroshot import ZeroShotResult, evaluate_zeroshot, task_manager
 from gqa_prune.io_utils import write_json_atomic
@@ -32,10 +32,10 @@ from gqa_prune.models.checkpoint import save_pruned
 from gqa_prune.models.geometry import GQAGeometry, heads_from_config
 from gqa_prune.models.loading import load_model
 from gqa_prune.pipeline import PruneOutcome, prune_model_
-from gqa_prune.recovery.steps import finetune_step, prepare_finetune  # recovery (issue 6)
+from gqa_prune.recovery.steps import finetune_step, prepare_finetune
 from gqa_prune.reporting.experiment import ExperimentDir, setup_logging
 from gqa_prune.reporting.plots import plot_pruning_strategy
-from gqa_prune.reporting.report import write_report  # issue 7
+from gqa_prune.reporting.report import write_report
 
 log = logging.getLogger("gqa_prune.runner")
 
@@ -102,7 +102,10 @@ def layer_importance_step(
         *ids.shape,
     )
     result = compute_layer_importance(
-        model, ids, config.layer_importance_method, batch_size=config.taylor_batch_size  # type: ignore[arg-type]
+        model,
+        ids,
+        config.layer_importance_method,
+        batch_size=config.taylor_batch_size,  # type: ignore[arg-type]
     )
     result.save(cached)
     return result
@@ -207,24 +210,34 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         given_importance = load_layer_importance(str(config.layer_importance_config), model)
     # every input is checked before anything is written: a dry run of the allocation with
     # equal layer importance refuses an unreachable target now, not after the analysis
-    allocate([1.0] * len(adapter.decoder_layers(model)), adapter.geometry(model), allocation_config(config))
-    # recovery (issue 6): settings checked now; distill keeps the dense model as its teacher
+    allocate(
+        [1.0] * len(adapter.decoder_layers(model)),
+        adapter.geometry(model),
+        allocation_config(config),
+    )
+    # recovery: settings checked now; distill keeps the dense model as its teacher
     finetune_prep = (
         prepare_finetune(config, exp, model, tokenizer, calib_tokens) if config.finetune else None
     )
-    # issue 7: lm-eval installed and every --eval_tasks name known, before anything is written
+    # lm-eval installed and every --eval_tasks name known, before anything is written
     tasks = config.eval_task_names
     manager = task_manager(tasks, config.eval_include_path) if tasks else None
     exp.prepare()
     setup_logging(exp.run_dir / "training.log")
 
-    zeroshot: dict[str, ZeroShotResult] = {}  # issue 7
+    zeroshot: dict[str, ZeroShotResult] = {}
 
-    def zeroshot_step(stage: str) -> None:  # issue 7
+    def zeroshot_step(stage: str) -> None:
         t0 = time.perf_counter()
         zeroshot[stage] = evaluate_zeroshot(
-            model, tokenizer, tasks, batch_size=config.eval_batch_size, limit=config.eval_limit,
-            include_path=config.eval_include_path, seed=config.seed, manager=manager,
+            model,
+            tokenizer,
+            tasks,
+            batch_size=config.eval_batch_size,
+            limit=config.eval_limit,
+            include_path=config.eval_include_path,
+            seed=config.seed,
+            manager=manager,
         )
         timings[f"zeroshot_{stage}"] = time.perf_counter() - t0
 
@@ -241,7 +254,9 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     if given_importance is not None:
         importance = given_importance
-        log.info("layer importance: reusing %s (%s)", config.layer_importance_config, importance.method)
+        log.info(
+            "layer importance: reusing %s (%s)", config.layer_importance_config, importance.method
+        )
         importance.save(exp.path(LAYER_IMPORTANCE_FILE))
     else:
         importance = layer_importance_step(config, exp, model, calib_tokens)
@@ -253,13 +268,15 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         ppl["before"] = perplexity(eval_tokens)
         timings["eval_before"] = time.perf_counter() - t0
         log.info("perplexity before pruning: %.3f", ppl["before"].ppl)
-    if tasks:  # issue 7
+    if tasks:
         zeroshot_step("before")
-    speed: dict[str, SpeedResult] = {}  # issue 7
+    speed: dict[str, SpeedResult] = {}
     if config.measure_speed:
         base_dir = Path(config.base_model).expanduser()
         speed["dense"] = measure_speed(
-            model, label="dense", seed=config.seed,
+            model,
+            label="dense",
+            seed=config.seed,
             checkpoint=base_dir if base_dir.is_dir() else None,
         )
 
@@ -303,23 +320,25 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         save_pruned(model, tokenizer, exp.model_dir, overwrite=config.overwrite)
         timings["save"] = time.perf_counter() - t0
         log.info("saved the pruned model to %s", exp.model_dir)
-    if tasks:  # issue 7
+    if tasks:
         zeroshot_step("after")
-    if config.measure_speed:  # issue 7
+    if config.measure_speed:
         speed["pruned"] = measure_speed(
-            model, label="pruned", seed=config.seed,
+            model,
+            label="pruned",
+            seed=config.seed,
             checkpoint=exp.model_dir if config.save_model else None,
         )
 
     finetune_record = None
-    if finetune_prep is not None:  # recovery (issue 6): train, plot, save model_finetuned/
+    if finetune_prep is not None:  # recovery: train, plot, save model_finetuned/
         evaluate = None
         if config.test_after_prune and eval_tokens is not None:
             evaluate = partial(perplexity, eval_tokens)
         finetune_record = finetune_step(
             config, exp, model, tokenizer, finetune_prep, evaluate, ppl, timings
         )
-        if tasks:  # issue 7
+        if tasks:
             zeroshot_step("after_finetune")
 
     summary = build_summary(config, outcome, ppl, timings)
@@ -327,13 +346,13 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     summary["allocation"] = outcome.allocation.to_dict()
     if finetune_record is not None:
         summary["finetune"] = finetune_record
-    if zeroshot:  # issue 7
+    if zeroshot:
         summary["zeroshot"] = {k: v.to_dict() for k, v in zeroshot.items()}
-    if speed:  # issue 7
+    if speed:
         summary["efficiency"] = {
             **{k: v.to_dict() for k, v in speed.items()},
             "pruned_over_dense": speedup(speed["dense"], speed["pruned"]),
         }
     write_json_atomic(exp.path("summary.json"), summary)
-    write_report(exp.root)  # issue 7: report.html, built from summary.json and the figures
+    write_report(exp.root)  # report.html, built from summary.json and the figures
     return summary
