@@ -123,3 +123,12 @@ def tiny_args(run, *extra):
         "cpu",
         *extra,
     ]
+
+
+# property tests draw the same examples on every run (CI must not be flaky); a developer can
+# explore new draws with --hypothesis-profile=explore
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile("ci", derandomize=True, deadline=None)
+_hyp_settings.register_profile("explore", deadline=None)
+_hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -352,7 +352,10 @@ def allocate(
             )
     lo = np.array([min(a for a, _ in win) for win in wins], float)
     hi = np.array([max(b for _, b in win) for win in wins], float)
-    if target - tol > hi.sum():
+    # refuse only what is out of reach even at the edge of the tolerance (float slack up);
+    # landing itself aims strictly inside it (slack down)
+    edge = TOLERANCE * geometry.total_params * (1 + 1e-9)
+    if target - edge > hi.sum():
         raise GQAPruneError(
             f"--pruning_ratio={config.pruning_ratio} is out of reach: the {len(idx)} prunable "
             f"layers can remove at most {_pct(hi.sum(), geometry)} of the parameters (floors: "
@@ -361,7 +364,7 @@ def allocate(
             "widen --layer_start/--layer_end, lower --freeze_top_n_layers or raise "
             "--max_pruning_rate"
         )
-    if target + tol < lo.sum():
+    if target + edge < lo.sum():
         raise GQAPruneError(
             f"--min_pruning_rate={config.min_pruning_rate} alone removes {_pct(lo.sum(), geometry)}"
             f" of the parameters, more than --pruning_ratio={config.pruning_ratio}; lower "
