@@ -130,45 +130,27 @@ class RunConfig:
             )
         if self.alpha < 0:
             raise GQAPruneError(f"--alpha must be >= 0, got {self.alpha}")
-        if self.pruning_strategy not in STRATEGIES:
-            raise GQAPruneError(
-                f"unknown --pruning_strategy '{self.pruning_strategy}'; choose one of "
-                f"{', '.join(STRATEGIES)}"
-            )
-        if self.importance not in IMPORTANCE_CRITERIA:
-            raise GQAPruneError(
-                f"unknown --importance '{self.importance}'; choose one of "
-                f"{', '.join(IMPORTANCE_CRITERIA)}"
-            )
-        if self.pruning_mode not in PRUNING_MODES:
-            raise GQAPruneError(
-                f"unknown --pruning_mode '{self.pruning_mode}'; choose one of "
-                f"{', '.join(PRUNING_MODES)}"
-            )
+        for name, choices in (
+            ("pruning_strategy", STRATEGIES),
+            ("importance", IMPORTANCE_CRITERIA),
+            ("pruning_mode", PRUNING_MODES),
+            ("compensation", COMPENSATIONS),
+            ("aggregation", AGGREGATIONS),
+            ("layer_importance_method", LAYER_IMPORTANCE_METHODS),
+        ):
+            if getattr(self, name) not in choices:
+                raise GQAPruneError(
+                    f"unknown --{name} '{getattr(self, name)}'; choose one of {', '.join(choices)}"
+                )
         if self.skip_importance_analysis and not self.layer_importance_config:
             raise GQAPruneError(
                 "--skip_importance_analysis needs --layer_importance_config PATH (a "
                 "layer_importance_config.json from an earlier run)"
             )
-        if self.compensation not in COMPENSATIONS:
-            raise GQAPruneError(
-                f"unknown --compensation '{self.compensation}'; choose one of "
-                f"{', '.join(COMPENSATIONS)}"
-            )
         if not self.compensation_damp > 0:
             raise GQAPruneError(
                 f"--compensation_damp must be > 0 (e.g. {DEFAULT_DAMP}), got "
                 f"{self.compensation_damp}"
-            )
-        if self.aggregation not in AGGREGATIONS:
-            raise GQAPruneError(
-                f"unknown --aggregation '{self.aggregation}'; choose one of "
-                f"{', '.join(AGGREGATIONS)}"
-            )
-        if self.layer_importance_method not in LAYER_IMPORTANCE_METHODS:
-            raise GQAPruneError(
-                f"unknown --layer_importance_method '{self.layer_importance_method}'; choose "
-                f"one of {', '.join(LAYER_IMPORTANCE_METHODS)}"
             )
         for name in (
             "channel_importance_samples",
