@@ -33,6 +33,48 @@ def _positive_or_none(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
+def add_allocation_arguments(g: Any, d: RunConfig) -> None:
+    """The per-layer allocation flags shared by ``gqa-prune`` and ``gqa-prune search``."""
+    g.add_argument(
+        "--pruning_ratio",
+        type=float,
+        default=d.pruning_ratio,
+        help="fraction of TOTAL parameters to remove (embeddings count)",
+    )
+    g.add_argument(
+        "--pruning_mode",
+        default=d.pruning_mode,
+        choices=PRUNING_MODES,
+        help="layer: per-layer budgets from layer importance; global: cheapest "
+        "units across layers by score per parameter",
+    )
+    g.add_argument("--pruning_strategy", default=d.pruning_strategy, choices=STRATEGIES)
+    g.add_argument(
+        "--alpha",
+        "--layer_importance_weight",
+        dest="alpha",
+        type=float,
+        default=d.alpha,
+        help="strength of the importance weighting",
+    )
+    g.add_argument("--min_pruning_rate", type=float, default=d.min_pruning_rate)
+    g.add_argument("--max_pruning_rate", type=float, default=d.max_pruning_rate)
+    g.add_argument("--freeze_top_n_layers", type=int, default=d.freeze_top_n_layers)
+    g.add_argument("--layer_start", type=_positive_or_none, default=d.layer_start)
+    g.add_argument("--layer_end", type=_positive_or_none, default=d.layer_end)
+    g.add_argument(
+        "--mlp_round_to",
+        type=int,
+        default=d.mlp_round_to,
+        help="kept MLP widths are multiples of this (8/64/128 run faster)",
+    )
+    g.add_argument(
+        "--allow_attention_removal",
+        action="store_true",
+        help="a layer may lose all its GQA groups: its attention block is removed",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = RunConfig()
     p = _Parser(
@@ -105,43 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("2. per-layer allocation")
-    g.add_argument(
-        "--pruning_ratio",
-        type=float,
-        default=d.pruning_ratio,
-        help="fraction of TOTAL parameters to remove (embeddings count)",
-    )
-    g.add_argument(
-        "--pruning_mode",
-        default=d.pruning_mode,
-        choices=PRUNING_MODES,
-        help="layer: per-layer budgets from layer importance; global: cheapest "
-        "units across layers by score per parameter",
-    )
-    g.add_argument("--pruning_strategy", default=d.pruning_strategy, choices=STRATEGIES)
-    g.add_argument(
-        "--alpha",
-        "--layer_importance_weight",
-        dest="alpha",
-        type=float,
-        default=d.alpha,
-        help="strength of the importance weighting",
-    )
+    add_allocation_arguments(g, d)
     g.add_argument(
         "--pruning_distribution",
         default=d.pruning_distribution,
         help="attention:MLP share of removed parameters (a:m), or auto = equal rates",
-    )
-    g.add_argument("--min_pruning_rate", type=float, default=d.min_pruning_rate)
-    g.add_argument("--max_pruning_rate", type=float, default=d.max_pruning_rate)
-    g.add_argument("--freeze_top_n_layers", type=int, default=d.freeze_top_n_layers)
-    g.add_argument("--layer_start", type=_positive_or_none, default=d.layer_start)
-    g.add_argument("--layer_end", type=_positive_or_none, default=d.layer_end)
-    g.add_argument(
-        "--mlp_round_to",
-        type=int,
-        default=d.mlp_round_to,
-        help="kept MLP widths are multiples of this (8/64/128 run faster)",
     )
     g.add_argument("--prune_mlp", action="store_true", help="prune MLP channels too")
 

@@ -57,6 +57,7 @@ class RunConfig:
     layer_start: int | None = None
     layer_end: int | None = None
     mlp_round_to: int = 1
+    allow_attention_removal: bool = False
     prune_mlp: bool = False
     importance: str = "taylor"
     aggregation: str = "sum"

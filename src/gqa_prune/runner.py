@@ -124,6 +124,7 @@ def allocation_config(config: RunConfig) -> AllocationConfig:
         distribution=config.distribution,
         prune_mlp=config.prune_mlp,
         mlp_round_to=config.mlp_round_to,
+        allow_attention_removal=config.allow_attention_removal,
     )
 
 

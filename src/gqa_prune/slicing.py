@@ -17,7 +17,7 @@ from torch import nn
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.models.adapters import ADAPTERS, ArchitectureAdapter, get_adapter
 from gqa_prune.models.geometry import GQAGeometry
-from gqa_prune.plan import PruningPlan
+from gqa_prune.plan import LayerPlan, PruningPlan
 
 _DEFAULT_ADAPTER = ADAPTERS["llama"]
 
@@ -52,16 +52,22 @@ def prune_attention_by_gqa_groups(
     layer: nn.Module,
     keep_kv_indices: Sequence[int],
     adapter: ArchitectureAdapter = _DEFAULT_ADAPTER,
+    allow_removal: bool = False,
 ) -> None:
     """Keep only the listed GQA groups of one decoder layer's attention, in place.
 
     Slices q/k/v rows (and their biases) and o_proj input columns so that each kept KV
     head keeps exactly its own query heads. The Q:KV ratio stays unchanged.
 
+    An empty ``keep_kv_indices`` removes the attention block entirely (only when
+    ``allow_removal``): it is replaced by a module that adds the old o_proj bias (if any)
+    and nothing else, exactly what zeroing every o_proj column would give.
+
     Args:
         layer: a decoder layer.
-        keep_kv_indices: KV-head (group) indices to keep; at least one.
+        keep_kv_indices: KV-head (group) indices to keep.
         adapter: names of the projections (Llama-style by default).
+        allow_removal: accept an empty ``keep_kv_indices``.
     """
     attn = adapter.attention(layer)
     q, k, v, o = adapter.attention_projections(layer)
@@ -71,7 +77,13 @@ def prune_attention_by_gqa_groups(
     keep = sorted(int(i) for i in keep_kv_indices)
     _check_indices(keep, n_kv, "KV group")
     if not keep:
-        raise GQAPruneError("keep at least one KV group per layer (got an empty list)")
+        if not allow_removal:
+            raise GQAPruneError(
+                "keep at least one KV group per layer (got an empty list); allow removing "
+                "whole attention blocks with --allow_attention_removal"
+            )
+        adapter.remove_attention_(layer, None if o.bias is None else o.bias.data)
+        return
     q_rows = group_rows(keep, ratio * head_dim)
     kv_rows = group_rows(keep, head_dim)
     _slice_linear_(q, q_rows, 0)
@@ -120,9 +132,8 @@ def apply_plan_(model: nn.Module, plan: PruningPlan) -> GQAGeometry:
         )
     for lp in plan.layers:
         layer = layers[lp.layer_idx]
-        q, k, _, _ = adapter.attention_projections(layer)
-        if len(lp.keep_kv_groups) != k.out_features // plan.head_dim:
-            prune_attention_by_gqa_groups(layer, lp.keep_kv_groups, adapter)
+        if attention_cut(layer, lp, plan, adapter):
+            prune_attention_by_gqa_groups(layer, lp.keep_kv_groups, adapter, allow_removal=True)
         gate = adapter.mlp_projections(layer)[0]
         if len(lp.keep_mlp_channels) != gate.out_features:
             prune_mlp_channels(layer, lp.keep_mlp_channels, adapter)
@@ -130,6 +141,21 @@ def apply_plan_(model: nn.Module, plan: PruningPlan) -> GQAGeometry:
     update_config_(model.config, geometry)
     check_pruned_model(model, plan)
     return geometry
+
+
+def attention_cut(
+    layer: nn.Module, lp: LayerPlan, plan: PruningPlan, adapter: ArchitectureAdapter
+) -> bool:
+    """Whether ``lp`` removes any KV group of ``layer`` (False once its attention is gone)."""
+    if not adapter.has_attention(layer):
+        if lp.keep_kv_groups:
+            raise GQAPruneError(
+                f"layer {lp.layer_idx} has no attention block left, but the plan keeps KV "
+                f"groups {list(lp.keep_kv_groups)}"
+            )
+        return False
+    k = adapter.attention_projections(layer)[1]
+    return len(lp.keep_kv_groups) != k.out_features // plan.head_dim
 
 
 def update_config_(config: object, geometry: GQAGeometry) -> None:
@@ -143,20 +169,20 @@ def check_pruned_model(model: nn.Module, plan: PruningPlan) -> None:
     """Raise if any layer's shapes disagree with the plan or the Q:KV ratio changed."""
     adapter = get_adapter(model)
     for lp, layer in zip(plan.layers, adapter.decoder_layers(model), strict=True):
-        q, k, v, o = adapter.attention_projections(layer)
         n_kv = len(lp.keep_kv_groups)
         expected_q = n_kv * plan.queries_per_kv * plan.head_dim
-        shapes_ok = (
-            k.out_features == v.out_features == n_kv * plan.head_dim
-            and q.out_features == o.in_features == expected_q
-        )
+        if adapter.has_attention(layer):
+            q, k, v, o = adapter.attention_projections(layer)
+            shapes = (q.out_features, k.out_features, v.out_features, o.in_features)
+        else:
+            shapes = (0, 0, 0, 0)
+        expected = (expected_q, n_kv * plan.head_dim, n_kv * plan.head_dim, expected_q)
         gate, up, down = adapter.mlp_projections(layer)
         n_ch = len(lp.keep_mlp_channels)
         mlp_ok = gate.out_features == up.out_features == down.in_features == n_ch
-        if not (shapes_ok and mlp_ok):
+        if shapes != expected or not mlp_ok:
             raise RuntimeError(
-                f"layer {lp.layer_idx} was not sliced to the plan: q={q.out_features} "
-                f"k={k.out_features} v={v.out_features} o_in={o.in_features} (expected "
-                f"{expected_q}/{n_kv * plan.head_dim}), mlp={gate.out_features}/"
-                f"{up.out_features}/{down.in_features} (expected {n_ch})"
+                f"layer {lp.layer_idx} was not sliced to the plan: q/k/v/o_in={shapes} "
+                f"(expected {expected}), mlp={gate.out_features}/{up.out_features}/"
+                f"{down.in_features} (expected {n_ch})"
             )

@@ -61,6 +61,7 @@ from gqa_prune.models.geometry import GQAGeometry
 from gqa_prune.plan import LayerPlan, PruningPlan
 from gqa_prune.slicing import (
     apply_plan_,
+    attention_cut,
     check_pruned_model,
     group_rows,
     prune_attention_by_gqa_groups,
@@ -259,19 +260,30 @@ def _prune_layer_(
     compensation: str,
     damp: float,
 ) -> None:
-    """Slice one layer to ``lp``: attention first, then the MLP on the new attention output."""
-    _, k, _, o = adapter.attention_projections(layer)
+    """Slice one layer to ``lp``: attention first, then the MLP on the new attention output.
+
+    Removing every KV group of a layer leaves no column to refit: ``lstsq`` then just drops
+    the block, ``bias`` keeps the mean of its output as the removed block's constant.
+    """
     _, _, down = adapter.mlp_projections(layer)
-    cut_attn = len(lp.keep_kv_groups) != k.out_features // plan.head_dim
+    cut_attn = attention_cut(layer, lp, plan, adapter)
     cut_mlp = len(lp.keep_mlp_channels) != down.in_features
     gram = compensation == "lstsq"
     if cut_attn:
+        o = adapter.attention_projections(layer)[3]
         (o_stats,) = _collect(layer, [o], states, calls, gram)
         keep = group_rows(lp.keep_kv_groups, plan.queries_per_kv * plan.head_dim)
-        fix = _correction(o, keep, o_stats, compensation, damp)
+        if keep.numel() or compensation == "bias":
+            fix = _correction(o, keep, o_stats, compensation, damp)
         del o_stats
-        prune_attention_by_gqa_groups(layer, lp.keep_kv_groups, adapter)
-        _apply_correction_(o, fix, compensation)
+        prune_attention_by_gqa_groups(layer, lp.keep_kv_groups, adapter, allow_removal=True)
+        if keep.numel():
+            _apply_correction_(o, fix, compensation)
+        elif compensation == "bias":
+            removed_bias = adapter.attention(layer).bias
+            if removed_bias is None:
+                raise RuntimeError("bias compensation needs an output bias (add_output_biases_)")
+            removed_bias.data += fix
     if cut_mlp:
         (down_stats,) = _collect(layer, [down], states, calls, gram)
         keep = torch.as_tensor(sorted(lp.keep_mlp_channels), dtype=torch.long)
@@ -289,7 +301,15 @@ def add_output_biases_(model: nn.Module, adapter: ArchitectureAdapter | None = N
     """
     adapter = adapter or get_adapter(model)
     for layer in adapter.decoder_layers(model):
-        for linear in (adapter.attention_projections(layer)[3], adapter.mlp_projections(layer)[2]):
+        down = adapter.mlp_projections(layer)[2]
+        if adapter.has_attention(layer):
+            outputs = [adapter.attention_projections(layer)[3], down]
+        else:  # an attention block removed earlier: its constant output becomes the bias
+            outputs = [down]
+            removed = adapter.attention(layer)
+            if removed.bias is None:
+                removed.bias = nn.Parameter(torch.zeros_like(down.weight[:, 0]))
+        for linear in outputs:
             if linear.bias is None:
                 w = linear.weight
                 linear.bias = nn.Parameter(

@@ -15,13 +15,12 @@ from typing import NoReturn
 
 import torch
 
+from gqa_prune.cli import add_allocation_arguments
 from gqa_prune.config import (
     AGGREGATIONS,
     COMPENSATIONS,
     IMPORTANCE_CRITERIA,
     LAYER_IMPORTANCE_METHODS,
-    PRUNING_MODES,
-    STRATEGIES,
     RunConfig,
 )
 from gqa_prune.errors import GQAPruneError
@@ -85,16 +84,7 @@ def build_search_parser() -> argparse.ArgumentParser:
         help="share of the calibration tokens (the end) held out for validation",
     )
     g = p.add_argument_group("allocation (as in gqa-prune; MLP pruning is always on)")
-    g.add_argument("--pruning_ratio", type=float, default=d.pruning_ratio)
-    g.add_argument("--pruning_mode", default=d.pruning_mode, choices=PRUNING_MODES)
-    g.add_argument("--pruning_strategy", default=d.pruning_strategy, choices=STRATEGIES)
-    g.add_argument("--alpha", type=float, default=d.alpha)
-    g.add_argument("--min_pruning_rate", type=float, default=d.min_pruning_rate)
-    g.add_argument("--max_pruning_rate", type=float, default=d.max_pruning_rate)
-    g.add_argument("--freeze_top_n_layers", type=int, default=d.freeze_top_n_layers)
-    g.add_argument("--layer_start", type=_int_or_none, default=d.layer_start)
-    g.add_argument("--layer_end", type=_int_or_none, default=d.layer_end)
-    g.add_argument("--mlp_round_to", type=int, default=d.mlp_round_to)
+    add_allocation_arguments(g, d)
     g = p.add_argument_group("importance (computed once, shared by every split)")
     g.add_argument(
         "--layer_importance_method",

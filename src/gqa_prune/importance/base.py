@@ -93,8 +93,10 @@ def compute_gqa_group_importance(
         adapter: projection names.
 
     Returns:
-        fp32 tensor of shape ``(num_kv_heads,)``.
+        fp32 tensor of shape ``(num_kv_heads,)`` (empty once the attention was removed).
     """
+    if not adapter.has_attention(layer):
+        return torch.zeros(0)
     attn = adapter.attention(layer)
     q, k, v, o = adapter.attention_projections(layer)
     d = int(cast(int, attn.head_dim))

@@ -78,7 +78,7 @@ def _only_projections_trainable(model: nn.Module, adapter: ArchitectureAdapter) 
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in adapter.decoder_layers(model):
-        for proj in (*adapter.attention_projections(layer), *adapter.mlp_projections(layer)):
+        for proj in adapter.prunable_projections(layer):
             for p in proj.parameters():
                 p.requires_grad_(True)
     try:

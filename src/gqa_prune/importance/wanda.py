@@ -140,7 +140,7 @@ def wanda_scores(
     projections = [
         proj
         for layer in layers
-        for proj in (*adapter.attention_projections(layer), *adapter.mlp_projections(layer))
+        for proj in adapter.prunable_projections(layer)
     ]
     device = next(model.parameters()).device
     batches = input_ids.split(batch_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from gqa_prune.errors import GQAPruneError
@@ -61,8 +62,17 @@ class ArchitectureAdapter:
         return self._child(layer, self.mlp_attr, "MLP block")
 
     def attention_projections(self, layer: nn.Module) -> tuple[nn.Linear, ...]:
-        """``(q_proj, k_proj, v_proj, o_proj)`` of one decoder layer."""
+        """``(q_proj, k_proj, v_proj, o_proj)`` of one decoder layer.
+
+        Raises:
+            GQAPruneError: the layer's attention block was removed (check ``has_attention``).
+        """
         attn = self.attention(layer)
+        if is_removed_attention(attn):
+            raise GQAPruneError(
+                f"the attention block of this {type(layer).__name__} was removed by pruning; "
+                "it has no q/k/v/o projections"
+            )
         return tuple(
             self._linear(attn, n) for n in (self.q_name, self.k_name, self.v_name, self.o_name)
         )
@@ -73,7 +83,39 @@ class ArchitectureAdapter:
         return tuple(self._linear(mlp, n) for n in (self.gate_name, self.up_name, self.down_name))
 
     def has_attention(self, layer: nn.Module) -> bool:
-        return hasattr(layer, self.attn_attr)
+        """False when the layer's attention block was removed entirely by pruning."""
+        attn = getattr(layer, self.attn_attr, None)
+        return attn is not None and not is_removed_attention(attn)
+
+    def prunable_projections(self, layer: nn.Module) -> tuple[nn.Linear, ...]:
+        """q/k/v/o (unless the attention was removed) followed by gate/up/down."""
+        attn = self.attention_projections(layer) if self.has_attention(layer) else ()
+        return (*attn, *self.mlp_projections(layer))
+
+    def remove_attention_(self, layer: nn.Module, bias: torch.Tensor | None = None) -> None:
+        """Replace the layer's attention block by a :class:`RemovedAttention`, in place.
+
+        Args:
+            layer: a decoder layer.
+            bias: the constant the removed block still adds (the old o_proj bias, shape
+                ``(hidden_size,)``); None = nothing.
+        """
+        from gqa_prune.models.remote.modeling_gqa_pruned import RemovedAttention
+
+        attn = self.attention(layer)
+        o = self.attention_projections(layer)[3]
+        removed = RemovedAttention(
+            o.out_features,
+            int(attn.head_dim),
+            getattr(attn, "layer_idx", None),
+            bias=bias is not None,
+            dtype=o.weight.dtype,
+            device=o.weight.device,
+        )
+        if bias is not None and removed.bias is not None:
+            removed.bias.data.copy_(bias)
+            removed.bias.requires_grad_(o.weight.requires_grad)
+        setattr(layer, self.attn_attr, removed)
 
     def _child(self, module: nn.Module, name: str, what: str) -> nn.Module:
         child = getattr(module, name, None)
@@ -102,6 +144,12 @@ class ArchitectureAdapter:
         kv_heads, inter = [], []
         q_bias = o_bias = mlp_bias = False
         for layer in layers:
+            gate, up, down = self.mlp_projections(layer)
+            inter.append(gate.out_features)
+            mlp_bias |= gate.bias is not None
+            if not self.has_attention(layer):
+                kv_heads.append(0)
+                continue
             q, k, v, o = self.attention_projections(layer)
             if k.out_features % head_dim or q.out_features != k.out_features * (n_q // n_kv):
                 raise GQAPruneError(
@@ -109,11 +157,8 @@ class ArchitectureAdapter:
                     f"head_dim={head_dim} and Q:KV={n_q // n_kv} from the config"
                 )
             kv_heads.append(k.out_features // head_dim)
-            gate, up, down = self.mlp_projections(layer)
-            inter.append(gate.out_features)
             q_bias |= q.bias is not None
             o_bias |= o.bias is not None
-            mlp_bias |= gate.bias is not None
         total = sum(p.numel() for p in model.parameters())  # tied weights count once
         return GQAGeometry(
             num_layers=len(layers),
@@ -127,6 +172,11 @@ class ArchitectureAdapter:
             mlp_bias=mlp_bias,
             total_params=total,
         )
+
+
+def is_removed_attention(module: nn.Module) -> bool:
+    """True for the stand-in of an attention block that pruning removed entirely."""
+    return bool(getattr(module, "is_removed_attention", False))
 
 
 def _family(name: str) -> ArchitectureAdapter:

@@ -4,9 +4,11 @@ Written by gqa-prune. Each class is the stock transformers class of its family; 
 building it at the global size, every decoder layer's projections are re-created at the
 per-layer sizes listed in the config, before the checkpoint's weights are loaded.
 Attention in these families reshapes with ``-1`` heads and repeats KV heads by the Q:KV
-ratio, which pruning keeps, so the stock forward (and KV cache) run unchanged.
+ratio, which pruning keeps, so the stock forward (and KV cache) run unchanged. A layer
+with 0 KV heads has no attention at all: :class:`RemovedAttention` stands in for it.
 """
 
+import torch
 from torch import nn
 from transformers import (
     LlamaForCausalLM,
@@ -35,11 +37,46 @@ def _linear_like(
     )
 
 
+class RemovedAttention(nn.Module):
+    """An attention block pruned away entirely: it adds nothing (or a constant bias).
+
+    The decoder layer's residual ``h + attn(norm(h))`` becomes ``h + b`` (``b`` = 0 when
+    the removed o_proj had no bias). It still appends one width-1 placeholder key/value
+    per token to the KV cache (a few bytes), because transformers reads the cache's length
+    from layer 0 to place new tokens; with nothing stored there, positions would restart
+    at 0. Its only parameter is the optional ``bias`` (shape ``(hidden_size,)``).
+    """
+
+    is_removed_attention = True
+
+    def __init__(self, hidden_size, head_dim, layer_idx, bias=False, dtype=None, device=None):
+        super().__init__()
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.num_key_value_heads = 0
+        self.num_heads = 0
+        self.bias = (
+            nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device)) if bias else None
+        )
+
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache", kwargs.get("past_key_value")))
+        if cache is not None:
+            batch, length = hidden_states.shape[:2]
+            placeholder = hidden_states.new_zeros(batch, 1, length, 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
+        out = torch.zeros_like(hidden_states)
+        if self.bias is not None:
+            out = out + self.bias
+        return out, None
+
+
 def resize_layers_to_config(model: nn.Module) -> None:
     """Re-create q/k/v/o and gate/up/down of each layer at the sizes in ``model.config``.
 
     ``layer_output_bias: true`` (FLAP-style bias compensation) gives o_proj and down_proj a
-    bias even where the family's ``attention_bias`` / ``mlp_bias`` would build none.
+    bias even where the family's ``attention_bias`` / ``mlp_bias`` would build none. A layer
+    listed with 0 KV heads gets a :class:`RemovedAttention` (with a bias where o_proj had one).
     """
     config = model.config
     out_bias = bool(getattr(config, "layer_output_bias", False))
@@ -53,11 +90,18 @@ def resize_layers_to_config(model: nn.Module) -> None:
         if kv_heads is not None:
             attn = layer.self_attn
             n_kv_i = int(kv_heads[i])
-            q_out, kv_out = n_kv_i * ratio * head_dim, n_kv_i * head_dim
-            attn.q_proj = _linear_like(attn.q_proj, hidden, q_out)
-            attn.k_proj = _linear_like(attn.k_proj, hidden, kv_out)
-            attn.v_proj = _linear_like(attn.v_proj, hidden, kv_out)
-            attn.o_proj = _linear_like(attn.o_proj, q_out, hidden, out_bias)
+            if n_kv_i == 0:
+                w = attn.o_proj.weight
+                has_bias = out_bias or attn.o_proj.bias is not None
+                layer.self_attn = RemovedAttention(
+                    hidden, head_dim, i, has_bias, dtype=w.dtype, device=w.device
+                )
+            else:
+                q_out, kv_out = n_kv_i * ratio * head_dim, n_kv_i * head_dim
+                attn.q_proj = _linear_like(attn.q_proj, hidden, q_out)
+                attn.k_proj = _linear_like(attn.k_proj, hidden, kv_out)
+                attn.v_proj = _linear_like(attn.v_proj, hidden, kv_out)
+                attn.o_proj = _linear_like(attn.o_proj, q_out, hidden, out_bias)
         if inter is not None:
             mlp = layer.mlp
             width = int(inter[i])
