@@ -47,9 +47,7 @@ def test_removal_equals_zeroing_every_o_proj_column(kind, overrides, batch):
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
         zeroed.model.layers[1].self_attn.o_proj.weight.zero_()  # its bias (if any) stays
-    prune_attention_by_gqa_groups(
-        model.model.layers[1], [], get_adapter(model), allow_removal=True
-    )
+    prune_attention_by_gqa_groups(model.model.layers[1], [], get_adapter(model), allow_removal=True)
     assert not get_adapter(model).has_attention(model.model.layers[1])
     torch.testing.assert_close(logits(model, batch), logits(zeroed, batch))
     n_removed = sum(p.numel() for p in zeroed.parameters()) - sum(

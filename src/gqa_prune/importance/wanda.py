@@ -137,11 +137,7 @@ def wanda_scores(
         raise GQAPruneError("wanda importance needs calibration input_ids, got none")
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
-    projections = [
-        proj
-        for layer in layers
-        for proj in adapter.prunable_projections(layer)
-    ]
+    projections = [proj for layer in layers for proj in adapter.prunable_projections(layer)]
     device = next(model.parameters()).device
     batches = input_ids.split(batch_size)
     with InputNormCollector(projections) as collector, torch.no_grad():
