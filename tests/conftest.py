@@ -10,18 +10,40 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
-HEADS = {  # kind -> (config class name, heads settings)
+CONFIGS = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+HEADS = {  # kind -> (family, heads settings)
     "llama4": ("llama", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8)),
     "llama3": ("llama", dict(num_attention_heads=6, num_key_value_heads=2, head_dim=8)),
     "mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4)),
     "qwen2": ("qwen2", dict(num_attention_heads=6, num_key_value_heads=3, head_dim=8)),
+    # a sliding window shorter than the generation tests' sequences
+    "mistral": (
+        "mistral",
+        dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=10),
+    ),
+    "qwen3": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
 }
 
 
 def tiny_config(kind: str = "llama4", **overrides):
-    """Tiny decoder configs: Q:KV 4:1, 3:1, 1:1 (Llama) and Qwen2 with q/k/v biases."""
+    """Tiny decoder configs of every supported family.
+
+    Llama with Q:KV 4:1, 3:1 and 1:1 (MHA, as Llama-2), Qwen2 with q/k/v biases, Mistral with
+    a sliding window, Qwen3 with per-head q_norm/k_norm and head_dim != hidden/heads.
+    """
     family, heads = HEADS[kind]
     values = dict(
         vocab_size=128,
@@ -33,7 +55,7 @@ def tiny_config(kind: str = "llama4", **overrides):
         **heads,
     )
     values.update(overrides)
-    return (LlamaConfig if family == "llama" else Qwen2Config)(**values)
+    return CONFIGS[family](**values)
 
 
 def tiny_model(kind: str = "llama4", seed: int = 0, **overrides):
@@ -44,10 +66,12 @@ def tiny_model(kind: str = "llama4", seed: int = 0, **overrides):
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_(0, 0.1)
+            elif "RMSNorm" in type(module).__name__:  # q_norm/k_norm and layer norms
+                module.weight.normal_(1.0, 0.1)
     return model.eval()
 
 
-KINDS = ["llama4", "llama3", "mha", "qwen2"]
+KINDS = ["llama4", "llama3", "mha", "qwen2", "mistral", "qwen3"]
 
 
 @pytest.fixture(params=KINDS)

@@ -54,11 +54,15 @@ def test_save_then_reload_both_ways(kind, batch, tmp_path):
     for other in (reloaded, remote):
         with torch.no_grad():
             torch.testing.assert_close(other(input_ids=batch).logits, expected)
-        generated = other.generate(batch[:1], max_new_tokens=4, do_sample=False)
+        generated = other.generate(batch[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False)
         assert generated.shape == (1, batch.shape[1] + 4)
     # greedy decoding with the KV cache equals decoding without it
-    with_cache = reloaded.generate(batch[:1], max_new_tokens=4, do_sample=False, use_cache=True)
-    no_cache = reloaded.generate(batch[:1], max_new_tokens=4, do_sample=False, use_cache=False)
+    with_cache = reloaded.generate(
+        batch[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=True
+    )
+    no_cache = reloaded.generate(
+        batch[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=False
+    )
     assert torch.equal(with_cache, no_cache)
 
 
