@@ -70,3 +70,31 @@ def test_mistral_sliding_window_is_kept_in_the_checkpoint(tmp_path):
     reloaded, _ = load_pruned(out, device="cpu")
     assert reloaded.config.sliding_window == 10
     assert type(reloaded).__name__ == "PrunedMistralForCausalLM"
+
+
+def test_llama32_style_tied_embeddings_and_llama3_rope_reload(batch, tmp_path):
+    """Llama 3.1/3.2 features: llama3 rope scaling and tied input/output embeddings."""
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    model = tiny_model("llama4", tie_word_embeddings=True, rope_parameters=rope)
+    geom = get_adapter(model).geometry(model)
+    plan = PruningPlan(
+        tuple(LayerPlan(i, (0,), tuple(range(0, 96, 3))) for i in range(geom.num_layers)),
+        geom.queries_per_kv,
+        geom.head_dim,
+    )
+    apply_plan_(model, plan)
+    with torch.no_grad():
+        expected = model(input_ids=batch).logits
+    out = save_pruned(model, None, tmp_path / "l32")
+    reloaded, _ = load_pruned(out, device="cpu")
+    assert reloaded.config.rope_parameters["rope_type"] == "llama3"
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=batch).logits, expected)
