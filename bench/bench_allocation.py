@@ -39,9 +39,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--focus",
-        choices=["all", "split"],
+        choices=["all", "split", "attention_removal"],
         default="all",
-        help="split: only the attention:MLP split x layer importance x alpha rows",
+        help="split: only the attention:MLP split x layer importance x alpha rows; "
+        "attention_removal: the same allocations with and without whole-block removal",
     )
     args = p.parse_args()
     torch.manual_seed(args.seed)
@@ -84,7 +85,9 @@ def main() -> None:
         else:
             alloc = allocate(importance, geometry, config)
         model = copy.deepcopy(dense)
-        apply_plan_(model, build_plan(s, alloc, geometry))
+        after = apply_plan_(model, build_plan(s, alloc, geometry))
+        if after.kv_heads.count(0):
+            print(f"  {after.kv_heads.count(0)} attention blocks removed: {after.kv_heads}")
         return ppl(model), alloc.achieved_ratio
 
     rows = []
@@ -132,7 +135,24 @@ def main() -> None:
             {"strategy": "uniform", "prune_attention": False},
         ),
     ]
-    for name, crit, imp, mode, cfg in split_variants if args.focus == "split" else all_variants:
+    removal_variants = [
+        (
+            f"{label}{', blocks removable' if allow else ''}",
+            "taylor",
+            li["removal"],
+            mode,
+            {**cfg, "allow_attention_removal": allow},
+        )
+        for label, mode, cfg in (
+            ("inverse a=2, 1:9", "layer", {"distribution": (1, 9), "alpha": 2.0}),
+            ("inverse a=2, 3:7", "layer", {"distribution": (3, 7), "alpha": 2.0}),
+            ("inverse a=4, 5:5", "layer", {"distribution": (5, 5), "alpha": 4.0}),
+            ("global, 1:9", "global", {"distribution": (1, 9)}),
+        )
+        for allow in (False, True)
+    ]
+    chosen = {"split": split_variants, "attention_removal": removal_variants}
+    for name, crit, imp, mode, cfg in chosen.get(args.focus, all_variants):
         t0 = time.perf_counter()
         value, achieved = variant(crit, imp, mode, **cfg)
         rows.append((name, crit, value, achieved, time.perf_counter() - t0))
