@@ -26,9 +26,6 @@ from torch import nn
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.models.adapters import get_adapter
 
-# TODO(adapter): the final norm's location belongs in ArchitectureAdapter (e.g. a
-# ``final_norm_attr``); it is "model.norm" for every family the adapter supports today.
-_FINAL_NORM_PATH = "model.norm"
 # Largest logits block materialised at once (elements; 2**26 fp32 = 256 MiB).
 _LOGITS_BUDGET = 2**26
 
@@ -165,16 +162,8 @@ class OutputHead:
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    """The norm applied after the last decoder layer (``model.model.norm`` for Llama)."""
-    obj: Any = model
-    for part in _FINAL_NORM_PATH.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise GQAPruneError(
-                f"{type(model).__name__} has no final norm '{_FINAL_NORM_PATH}'; expected a "
-                "Llama-style causal LM (AutoModelForCausalLM)"
-            )
-    return obj
+    """The norm applied after the last decoder layer (its path comes from the adapter)."""
+    return get_adapter(model).final_norm(model)
 
 
 def next_token_nll(head: OutputHead, hidden: torch.Tensor, input_ids: torch.Tensor) -> float:

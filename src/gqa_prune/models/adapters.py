@@ -32,6 +32,7 @@ class ArchitectureAdapter:
     pruned_class: str
     pruned_config_class: str
     layers_attr: str = "model.layers"
+    final_norm_attr: str = "model.norm"
     attn_attr: str = "self_attn"
     mlp_attr: str = "mlp"
     q_name: str = "q_proj"
@@ -45,11 +46,18 @@ class ArchitectureAdapter:
     # ----------------------------------------------------------------- access
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layer list (``model.model.layers`` for Llama-like models)."""
+        return self._path(model, self.layers_attr)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm applied after the last decoder layer (``model.model.norm``)."""
+        return self._path(model, self.final_norm_attr)
+
+    def _path(self, model: nn.Module, path: str) -> Any:
         obj: Any = model
-        for part in self.layers_attr.split("."):
-            if not hasattr(obj, part):
+        for part in path.split("."):
+            if getattr(obj, part, None) is None:
                 raise GQAPruneError(
-                    f"{type(model).__name__} has no '{self.layers_attr}'; expected a "
+                    f"{type(model).__name__} has no '{path}'; expected a "
                     f"{self.family}-style causal LM (e.g. AutoModelForCausalLM)"
                 )
             obj = getattr(obj, part)
