@@ -5,6 +5,7 @@ from gqa_prune.config import RunConfig
 from gqa_prune.data import load_text, sample_calibration, tokenize_text
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.perplexity import PerplexityResult, PPLMetric, evaluate_perplexity
+from gqa_prune.export import export_gguf
 from gqa_prune.importance import (
     UnitScores,
     collect_taylor_scores,
@@ -21,6 +22,7 @@ from gqa_prune.plan import LayerPlan, PruningPlan
 from gqa_prune.recovery import FinetuneConfig, FinetuneResult, finetune_
 from gqa_prune.runner import run_experiment
 from gqa_prune.slicing import apply_plan_, prune_attention_by_gqa_groups, prune_mlp_channels
+from gqa_prune.streaming import LayerStreamer, StreamingConfig
 
 __version__ = "0.1.0"
 
@@ -32,10 +34,12 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "LayerPlan",
+    "LayerStreamer",
     "PPLMetric",
     "PerplexityResult",
     "PruningPlan",
     "RunConfig",
+    "StreamingConfig",
     "UnitScores",
     "allocate",
     "apply_plan_",
@@ -45,6 +49,7 @@ __all__ = [
     "compute_mlp_channel_importance",
     "compute_unit_scores",
     "evaluate_perplexity",
+    "export_gguf",
     "finetune_",
     "get_adapter",
     "load_model",

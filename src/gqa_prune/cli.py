@@ -112,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="compatibility only: must equal the config's head_dim",
     )
 
+    g = p.add_argument_group("memory (models larger than the device; gqa_prune.streaming)")
+    g.add_argument(
+        "--streaming",
+        action="store_true",
+        help="one decoder layer on the device at a time; the others wait in CPU RAM "
+        "(or on disk with --offload_dir); same plan as in memory",
+    )
+    g.add_argument(
+        "--max_memory",
+        default=d.max_memory,
+        help="cap of the compute device, e.g. 20GiB or 500MB; without --streaming, "
+        "streams only when the in-memory run would not fit",
+    )
+    g.add_argument(
+        "--offload_dir",
+        default=d.offload_dir,
+        help="keep the decoder layers on disk here (implies --streaming)",
+    )
+
     g = p.add_argument_group("data")
     g.add_argument(
         "--data_dir",
@@ -297,6 +316,14 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x",
             )
         )
+    if "peak_memory" in summary:
+        mem = summary["peak_memory"]
+        text = f"CPU RSS {mem['cpu_max_rss_gib']:.2f} GiB"
+        if mem.get("cuda_max_allocated_gib") is not None:
+            text += f", CUDA allocated {mem['cuda_max_allocated_gib']:.2f} GiB"
+        if "streaming" in summary:
+            text += f" (streaming, layers on {summary['streaming']['layers_rest_on']})"
+        rows.append(("peak memory", text))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -306,6 +333,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 SUBCOMMANDS: dict[str, str] = {
     "search": "gqa_prune.evaluation.cli:search_main",
     "bench-speed": "gqa_prune.evaluation.cli:bench_speed_main",
+    "export-gguf": "gqa_prune.export.cli:export_gguf_main",
 }
 
 

@@ -14,6 +14,8 @@ from gqa_prune.importance import AGGREGATIONS
 from gqa_prune.importance import CRITERIA as IMPORTANCE_CRITERIA
 from gqa_prune.recovery.config import FINETUNE_DEFAULTS as _FT
 from gqa_prune.recovery.config import FinetuneConfig, finetune_config_from_run
+from gqa_prune.streaming.memory import parse_memory
+from gqa_prune.streaming.run import check_streaming_options
 
 LAYER_IMPORTANCE_METHODS = layer_importance_methods()
 
@@ -89,6 +91,11 @@ class RunConfig:
     overwrite: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    # --- memory (gqa_prune.streaming) ---
+    streaming: bool = False
+    max_memory: str | None = None
+    offload_dir: str | None = None
+    # --- end memory ---
     seed: int = 42
     data_dir: str | None = None
     gqa_ratio: int | None = None
@@ -190,6 +197,10 @@ class RunConfig:
                 f"--save_ckpt_log_name '{self.save_ckpt_log_name}' must be a plain folder name"
             )
         parse_distribution(self.pruning_distribution)
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)
+        if self.streaming or self.offload_dir is not None:
+            check_streaming_options(self)
         self._check_eval_tasks()
         finetune_config_from_run(self)  # validates the recovery flags (also without --finetune)
 

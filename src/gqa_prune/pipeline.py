@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.geometry import GQAGeometry
 from gqa_prune.plan import LayerPlan, PruningPlan
 from gqa_prune.slicing import apply_plan_
+
+if TYPE_CHECKING:  # gqa_prune.streaming imports this module
+    from gqa_prune.streaming import LayerStreamer, StreamingConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ def prune_model_(
     compensation: Compensation | str = "lstsq",
     compensation_ids: torch.Tensor | None = None,
     compensation_damp: float = DEFAULT_DAMP,
+    streaming: LayerStreamer | StreamingConfig | None = None,
 ) -> PruneOutcome:
     """Prune ``model`` in place to remove ``allocation_config.pruning_ratio`` of its parameters.
 
@@ -112,7 +116,29 @@ def prune_model_(
         compensation_ids: ``(num_samples, seq_len)`` calibration tokens of the compensation;
             None = ``calibration_ids``.
         compensation_damp: ridge strength of ``lstsq`` (relative to the Gram diagonal).
+        streaming: run every step with one decoder layer on the device at a time
+            (``gqa_prune.streaming``; same plan and weights). A ``StreamingConfig``
+            (device, ``max_memory``, ``offload_dir``) streams and then gathers the pruned
+            model back into CPU RAM; a ``LayerStreamer`` (already holding ``model``) leaves
+            it streamed. None = everything on the model's device.
     """
+    if streaming is not None:
+        return _prune_streaming_(
+            model,
+            streaming,
+            calibration_ids,
+            allocation_config,
+            layer_importance=layer_importance,
+            criterion=criterion,
+            aggregation=aggregation,
+            mode=mode,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            compensation=compensation,
+            compensation_ids=compensation_ids,
+            compensation_damp=compensation_damp,
+        )
     adapter = get_adapter(model)
     before = adapter.geometry(model)
     importance = (
@@ -149,6 +175,27 @@ def prune_model_(
         )
     check_finite_logits(model, calibration_ids[:1], step="after pruning")
     return PruneOutcome(plan, allocation, before, after, scores)
+
+
+def _prune_streaming_(
+    model: nn.Module,
+    streaming: LayerStreamer | StreamingConfig,
+    *args: Any,
+    **kwargs: Any,
+) -> PruneOutcome:
+    from gqa_prune.streaming import LayerStreamer, StreamingConfig, prune_model_streaming_
+
+    if isinstance(streaming, StreamingConfig):
+        streamer = LayerStreamer(model, streaming)
+        try:
+            outcome = prune_model_streaming_(streamer, *args, **kwargs)
+            streamer.gather_("cpu")
+        finally:
+            streamer.close()
+        return outcome
+    if streaming.model is not model:
+        raise GQAPruneError("the LayerStreamer passed as streaming= holds a different model")
+    return prune_model_streaming_(streaming, *args, **kwargs)
 
 
 @torch.no_grad()

@@ -30,12 +30,19 @@ from gqa_prune.io_utils import write_json_atomic
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.checkpoint import save_pruned
 from gqa_prune.models.geometry import GQAGeometry, heads_from_config
-from gqa_prune.models.loading import load_model
+from gqa_prune.models.loading import resolve_device
 from gqa_prune.pipeline import PruneOutcome, prune_model_
 from gqa_prune.recovery.steps import finetune_step, prepare_finetune
 from gqa_prune.reporting.experiment import ExperimentDir, setup_logging
 from gqa_prune.reporting.plots import plot_pruning_strategy
 from gqa_prune.reporting.report import write_report
+from gqa_prune.streaming import (
+    LayerStreamer,
+    MemoryMonitor,
+    streaming_layer_importance,
+    streaming_perplexity,
+)
+from gqa_prune.streaming.run import load_for_run
 
 log = logging.getLogger("gqa_prune.runner")
 
@@ -75,7 +82,11 @@ def check_layer_settings(config: RunConfig, num_layers: int) -> None:
 
 
 def layer_importance_step(
-    config: RunConfig, exp: ExperimentDir, model: Any, tokens: torch.Tensor
+    config: RunConfig,
+    exp: ExperimentDir,
+    model: Any,
+    tokens: torch.Tensor,
+    streamer: LayerStreamer | None = None,
 ) -> LayerImportance:
     """Reuse the cached file of an earlier (interrupted) run with the same settings, or measure."""
     cached = exp.path(LAYER_IMPORTANCE_FILE)
@@ -101,12 +112,17 @@ def layer_importance_step(
         config.layer_importance_method,
         *ids.shape,
     )
-    result = compute_layer_importance(
-        model,
-        ids,
-        config.layer_importance_method,
-        batch_size=config.taylor_batch_size,  # type: ignore[arg-type]
-    )
+    if streamer is not None:
+        result = streaming_layer_importance(
+            streamer, ids, config.layer_importance_method, batch_size=config.taylor_batch_size
+        )
+    else:
+        result = compute_layer_importance(
+            model,
+            ids,
+            config.layer_importance_method,  # type: ignore[arg-type]
+            batch_size=config.taylor_batch_size,
+        )
     result.save(cached)
     return result
 
@@ -183,12 +199,15 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
 
     t0 = time.perf_counter()
+    memory = MemoryMonitor(resolve_device(config.device))
     log.info("loading %s", config.base_model)
-    model, tokenizer = load_model(config.base_model, dtype=config.dtype, device=config.device)
+    # streamer: None = the whole model on config.device; else one layer at a time
+    model, tokenizer, streamer = load_for_run(config)
     adapter = get_adapter(model)
     check_declared_geometry(config, model.config)
     check_layer_settings(config, len(adapter.decoder_layers(model)))
     timings["load"] = time.perf_counter() - t0
+    memory.mark("load")
 
     calib_text = load_text(config.calibration_dataset, "calibration", config.data_dir)
     calib_tokens = tokenize_text(tokenizer, calib_text)
@@ -243,6 +262,15 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         timings[f"zeroshot_{stage}"] = time.perf_counter() - t0
 
     def perplexity(tokens: torch.Tensor) -> PerplexityResult:
+        if streamer is not None:  # one layer at a time, same windows and result
+            return streaming_perplexity(
+                streamer,
+                tokens,
+                seq_len=config.eval_seq_len,
+                max_windows=config.eval_max_windows,
+                batch_size=config.eval_batch_size,
+                dataset=config.eval_dataset,
+            )
         return evaluate_perplexity(
             model,
             tokens,
@@ -260,8 +288,9 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         )
         importance.save(exp.path(LAYER_IMPORTANCE_FILE))
     else:
-        importance = layer_importance_step(config, exp, model, calib_tokens)
+        importance = layer_importance_step(config, exp, model, calib_tokens, streamer)
     timings["layer_importance"] = time.perf_counter() - t0
+    memory.mark("layer_importance")
 
     ppl: dict[str, PerplexityResult] = {}
     if config.test_original_ppl and eval_tokens is not None:
@@ -273,6 +302,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         zeroshot_step("before")
     speed: dict[str, SpeedResult] = {}
     if config.measure_speed:
+        memory.mark("before_speed_dense")  # measure_speed resets the peak counters
         base_dir = Path(config.base_model).expanduser()
         speed["dense"] = measure_speed(
             model,
@@ -300,8 +330,10 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         compensation=config.compensation,
         compensation_ids=compensation_ids,
         compensation_damp=config.compensation_damp,
+        streaming=streamer,
     )
     timings["prune"] = time.perf_counter() - t0
+    memory.mark("prune")
     outcome.plan.save(exp.path("pruning_plan.json"))
     plot_pruning_strategy(
         exp.path("pruning_strategy.png"),
@@ -318,12 +350,15 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
 
     if config.save_model:
         t0 = time.perf_counter()
+        if streamer is not None:  # the pruned model, whole, in CPU RAM
+            streamer.gather_("cpu")
         save_pruned(model, tokenizer, exp.model_dir, overwrite=config.overwrite)
         timings["save"] = time.perf_counter() - t0
         log.info("saved the pruned model to %s", exp.model_dir)
     if tasks:
         zeroshot_step("after")
     if config.measure_speed:
+        memory.mark("before_speed_pruned")
         speed["pruned"] = measure_speed(
             model,
             label="pruned",
@@ -342,7 +377,12 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         if tasks:
             zeroshot_step("after_finetune")
 
+    memory.mark("end")
     summary = build_summary(config, outcome, ppl, timings)
+    summary["peak_memory"] = memory.report()
+    if streamer is not None:
+        summary["streaming"] = streamer.describe()
+        streamer.close()  # deletes the offloaded layer files
     summary["layer_importance"] = {"method": importance.method, "scores": list(importance.scores)}
     summary["allocation"] = outcome.allocation.to_dict()
     if finetune_record is not None:

@@ -57,11 +57,14 @@ class StackTrace:
         return self.inputs[layer + 1] if layer + 1 < len(self.inputs) else self.output
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by a hook to end the recording forward before the final norm and lm_head."""
 
 
-def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, LayerCall]:
+def split_layer_args(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, LayerCall]:
+    """Split a decoder layer's call (as seen by a pre-hook) into hidden states + the rest."""
     if args:
         return args[0], LayerCall(tuple(args[1:]), dict(kwargs))
     if "hidden_states" in kwargs:
@@ -106,19 +109,19 @@ def trace_decoder_stack(model: nn.Module, input_ids: torch.Tensor) -> StackTrace
     output: list[torch.Tensor] = []
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden, call = _split_hidden(args, kwargs)
+        hidden, call = split_layer_args(args, kwargs)
         inputs.append(hidden)
         calls.append(call)
 
     def stop(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         output.append(hidden_of(out))
-        raise _StopForward
+        raise StopForward
 
     handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(stop, with_kwargs=True))
     try:
         model(input_ids=input_ids, use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         for handle in handles:

@@ -48,10 +48,10 @@ from tqdm.auto import tqdm
 
 from gqa_prune.analysis.decoder_stack import (
     LayerCall,
-    _split_hidden,
-    _StopForward,
+    StopForward,
     hidden_of,
     input_device,
+    split_layer_args,
 )
 from gqa_prune.compensation.solve import removed_mean_contribution, ridge_refit
 from gqa_prune.compensation.stats import InputStats
@@ -144,7 +144,7 @@ def apply_plan_sequential_(
     states, calls = record_layer_inputs(model, calibration_ids, batch_size)
     for i in tqdm(range(len(layers)), desc=f"compensation {compensation}", disable=not progress):
         layer = layers[i]
-        _prune_layer_(layer, by_layer[i], plan, states, calls[i], adapter, compensation, damp)
+        prune_layer_(layer, by_layer[i], plan, states, calls[i], adapter, compensation, damp)
         if i + 1 < len(layers):
             for b, (hidden, call) in enumerate(zip(states, calls[i], strict=True)):
                 states[b] = _run_layer(layer, hidden, call)
@@ -177,12 +177,12 @@ def record_layer_inputs(
 
     def recorder(index: int) -> Callable[[nn.Module, tuple, dict], None]:
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden, call = _split_hidden(args, kwargs)
+            hidden, call = split_layer_args(args, kwargs)
             calls[index].append(call)
             if index == 0:
                 states.append(hidden)
             if index == len(layers) - 1:
-                raise _StopForward
+                raise StopForward
 
         return record
 
@@ -194,7 +194,7 @@ def record_layer_inputs(
         for batch in input_ids.split(batch_size):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         for handle in handles:
@@ -250,7 +250,7 @@ def _apply_correction_(linear: nn.Linear, fix: torch.Tensor, compensation: str) 
         raise RuntimeError("bias compensation needs an output bias (add_output_biases_)")
 
 
-def _prune_layer_(
+def prune_layer_(
     layer: nn.Module,
     lp: LayerPlan,
     plan: PruningPlan,

@@ -1,0 +1,208 @@
+"""The pruning step and perplexity with one decoder layer on the device at a time."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gqa_prune.allocation import AllocationConfig, allocate, allocate_global
+from gqa_prune.compensation import DEFAULT_DAMP, check_compensation
+from gqa_prune.errors import GQAPruneError
+from gqa_prune.evaluation.perplexity import PerplexityResult, make_windows
+from gqa_prune.models.adapters import get_adapter
+from gqa_prune.pipeline import PRUNING_MODES, PruneOutcome, build_plan
+from gqa_prune.streaming.compensation import streaming_apply_plan_
+from gqa_prune.streaming.executor import LayerStreamer
+from gqa_prune.streaming.memory import MemoryPlan, check_fits, estimate_memory, outside_bytes
+from gqa_prune.streaming.scores import streaming_unit_scores
+
+log = logging.getLogger(__name__)
+
+_GRAD_CRITERIA = ("taylor", "taylor2")
+
+
+def plan_memory(
+    model: torch.nn.Module,
+    batch_size: int,
+    seq_len: int,
+    criterion: str = "taylor",
+    compensation: str = "lstsq",
+    layers_in_device_memory: bool = False,
+) -> MemoryPlan:
+    """Estimate the compute-device memory of pruning ``model`` (an upper bound).
+
+    Args:
+        model: the model (its layers may be meta tensors: only shapes are read).
+        batch_size, seq_len: one calibration batch.
+        criterion, compensation: the pruning settings (Taylor keeps gradients, ``lstsq``
+            a Gram matrix and its solve).
+        layers_in_device_memory: the parked layers share the device's memory.
+    """
+    config: Any = model.config
+    layers = list(get_adapter(model).decoder_layers(model))
+    first = next(p for p in layers[0].parameters())
+    return estimate_memory(
+        layers,
+        outside_bytes(model, layers),
+        layers_in_device_memory,
+        hidden=int(config.hidden_size),
+        vocab=int(config.vocab_size),
+        num_heads=int(config.num_attention_heads),
+        dtype_bytes=first.element_size(),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        criterion=criterion,
+        compensation=compensation,
+        needs_grad=criterion in _GRAD_CRITERIA,
+    )
+
+
+def check_streaming_memory(
+    streamer: LayerStreamer, batch_size: int, seq_len: int, criterion: str, compensation: str
+) -> MemoryPlan:
+    """Raise a GQAPruneError if one layer plus the resident modules exceed ``max_memory``."""
+    plan = plan_memory(
+        streamer.model,
+        batch_size,
+        seq_len,
+        criterion,
+        compensation,
+        streamer.layers_in_device_memory,
+    )
+    advice = "raise --max_memory, lower --taylor_batch_size"
+    if streamer.layers_in_device_memory:
+        advice += ", or add --offload_dir DIR so the layers wait on disk instead of in RAM"
+    if compensation == "lstsq" and plan.largest.step == "lstsq":
+        advice += ", or use --compensation bias (no Gram matrix)"
+    check_fits(plan, streamer.max_memory, advice)
+    log.info(
+        "streaming memory estimate: %.2f GiB resident + %.2f GiB for layer %d (%s)",
+        plan.resident / 2**30,
+        plan.largest.total / 2**30,
+        plan.largest.layer,
+        plan.largest.step,
+    )
+    return plan
+
+
+def prune_model_streaming_(
+    streamer: LayerStreamer,
+    calibration_ids: torch.Tensor,
+    allocation_config: AllocationConfig,
+    layer_importance: Sequence[float] | None = None,
+    criterion: str = "taylor",
+    aggregation: str = "sum",
+    mode: str = "layer",
+    batch_size: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    compensation: str = "lstsq",
+    compensation_ids: torch.Tensor | None = None,
+    compensation_damp: float = DEFAULT_DAMP,
+) -> PruneOutcome:
+    """:func:`gqa_prune.prune_model_` with one decoder layer on the device at a time.
+
+    Same arguments (``streamer`` holds the model) and the same result: scores, plan and
+    pruned weights equal the in-memory run's (up to floating-point summation order).
+    Checks the memory cap first (:func:`check_streaming_memory`).
+    """
+    adapter = streamer.adapter
+    before = adapter.geometry(streamer.model)
+    importance = (
+        list(layer_importance) if layer_importance is not None else [1.0] * before.num_layers
+    )
+    if mode not in PRUNING_MODES:
+        raise GQAPruneError(
+            f"unknown pruning mode '{mode}'; choose one of {', '.join(PRUNING_MODES)}"
+        )
+    check_compensation(compensation, compensation_damp)
+    seq_len = int(calibration_ids.shape[-1]) if calibration_ids is not None else 1
+    check_streaming_memory(streamer, batch_size, seq_len, criterion, compensation)
+    if mode == "layer":
+        allocation = allocate(importance, before, allocation_config)
+    scores = streaming_unit_scores(
+        streamer, calibration_ids, criterion, aggregation, batch_size, seed, progress
+    )
+    if mode == "global":
+        allocation = allocate_global(
+            scores.groups, scores.channels, before, allocation_config, importance=importance
+        )
+    log.info(
+        "allocation (%s): remove %.2f%% of %d parameters (target %.2f%%)",
+        mode,
+        100 * allocation.achieved_ratio,
+        before.total_params,
+        100 * allocation.target_ratio,
+    )
+    plan = build_plan(scores, allocation, before)
+    ids = calibration_ids if compensation_ids is None else compensation_ids
+    after = streaming_apply_plan_(
+        streamer, plan, ids, compensation, compensation_damp, batch_size, progress
+    )
+    check_finite_streaming(streamer, calibration_ids[:1], step="after pruning")
+    return PruneOutcome(plan, allocation, before, after, scores)
+
+
+@torch.no_grad()
+def check_finite_streaming(streamer: LayerStreamer, input_ids: torch.Tensor, step: str) -> None:
+    """Raise a GQAPruneError naming ``step`` if the streamed model's logits are not finite."""
+    states, calls = streamer.capture([input_ids])
+    streamer.forward_(states, calls)
+    if not torch.isfinite(streamer.logits(states[0])).all():
+        raise GQAPruneError(f"{step}: the model produces non-finite logits")
+
+
+@torch.no_grad()
+def streaming_perplexity(
+    streamer: LayerStreamer,
+    tokens: torch.Tensor,
+    seq_len: int = 128,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    dataset: str = "",
+    progress: bool = True,
+) -> PerplexityResult:
+    """:func:`gqa_prune.evaluation.perplexity.evaluate_perplexity` of a streamed model.
+
+    Same windows, batches and token-weighted NLL; the hidden states of all windows wait on
+    the host between layers (``windows x seq_len x hidden`` values in the model dtype).
+    """
+    max_pos = getattr(streamer.model.config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise GQAPruneError(
+            f"eval seq_len {seq_len} exceeds the model's maximum of {max_pos} positions; "
+            f"use --eval_seq_len {max_pos} or less"
+        )
+    windows = make_windows(tokens, seq_len, max_windows)
+    if not windows:
+        raise GQAPruneError(f"no evaluation window: the text has only {tokens.numel()} tokens")
+    full = [w for w in windows if w.numel() == seq_len]
+    rest = [w for w in windows if w.numel() != seq_len]
+    batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
+    batches += [w[None] for w in rest]
+    states, calls = streamer.capture(batches)
+    streamer.forward_(states, calls, desc=f"perplexity {dataset}".strip(), progress=progress)
+    nll_sum, count = 0.0, 0
+    for hidden, batch in zip(states, batches, strict=True):
+        logits = streamer.logits(hidden)[:, :-1].float()
+        if not torch.isfinite(logits).all():
+            raise GQAPruneError("evaluation: the model produced non-finite logits")
+        targets = batch[:, 1:].to(logits.device)
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        )
+        nll_sum += float(nll)
+        count += targets.numel()
+    return PerplexityResult(
+        ppl=math.exp(nll_sum / count),
+        nll_sum=nll_sum,
+        num_tokens=count,
+        num_windows=len(windows),
+        seq_len=seq_len,
+        dataset=dataset,
+    )
