@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -191,209 +193,262 @@ def build_summary(
 
 
 def run_experiment(config: RunConfig) -> dict[str, Any]:
-    """Run one experiment and write its folder; returns ``summary.json``'s content."""
-    exp = ExperimentDir(config)
-    exp.check_overwrite()
-    setup_logging(None)
-    timings: dict[str, float] = {}
-    torch.manual_seed(config.seed)
+    """Run one experiment and write its folder; returns ``summary.json``'s content.
 
-    t0 = time.perf_counter()
-    memory = MemoryMonitor(resolve_device(config.device))
-    log.info("loading %s", config.base_model)
-    # streamer: None = the whole model on config.device; else one layer at a time
-    model, tokenizer, streamer = load_for_run(config)
-    adapter = get_adapter(model)
-    check_declared_geometry(config, model.config)
-    check_layer_settings(config, len(adapter.decoder_layers(model)))
-    timings["load"] = time.perf_counter() - t0
-    memory.mark("load")
+    Every input is checked (and the model loaded) before anything is written; offloaded
+    layer files of a streaming run are deleted however the run ends.
+    """
+    run = ExperimentRun(config)
+    try:
+        run.load_and_check()
+        run.exp.prepare()
+        setup_logging(run.exp.run_dir / "training.log")
+        run.measure_layer_importance()
+        run.evaluate_dense()
+        run.prune()
+        run.evaluate_pruned()
+        run.finetune()
+        return run.write_summary()
+    finally:
+        run.close()
 
-    calib_text = load_text(config.calibration_dataset, "calibration", config.data_dir)
-    calib_tokens = tokenize_text(tokenizer, calib_text)
-    calibration = sample_calibration(
-        calib_tokens, config.channel_importance_samples, config.taylor_seq_len, config.seed
-    )
-    eval_tokens = None
-    if config.test_original_ppl or config.test_after_prune:
-        eval_text = load_text(config.eval_dataset, "eval", config.data_dir)
-        eval_tokens = tokenize_text(tokenizer, eval_text)
-        max_pos = getattr(model.config, "max_position_embeddings", None)
-        if max_pos is not None and config.eval_seq_len > max_pos:
-            raise GQAPruneError(
-                f"--eval_seq_len {config.eval_seq_len} exceeds the model's maximum of {max_pos} "
-                f"positions; use {max_pos} or less"
-            )
 
-    given_importance = None
-    if config.skip_importance_analysis:
-        given_importance = load_layer_importance(str(config.layer_importance_config), model)
-    # every input is checked before anything is written: a dry run of the allocation with
-    # equal layer importance refuses an unreachable target now, not after the analysis
-    allocate(
-        [1.0] * len(adapter.decoder_layers(model)),
-        adapter.geometry(model),
-        allocation_config(config),
-    )
-    # recovery: settings checked now; distill keeps the dense model as its teacher
-    finetune_prep = (
-        prepare_finetune(config, exp, model, tokenizer, calib_tokens) if config.finetune else None
-    )
-    # lm-eval installed and every --eval_tasks name known, before anything is written
-    tasks = config.eval_task_names
-    manager = task_manager(tasks, config.eval_include_path) if tasks else None
-    exp.prepare()
-    setup_logging(exp.run_dir / "training.log")
+class ExperimentRun:
+    """The state one experiment carries from step to step (model, data, results, timings)."""
 
-    zeroshot: dict[str, ZeroShotResult] = {}
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.exp = ExperimentDir(config)
+        self.exp.check_overwrite()
+        setup_logging(None)
+        torch.manual_seed(config.seed)
+        self.timings: dict[str, float] = {}
+        self.memory = MemoryMonitor(resolve_device(config.device))
+        self.streamer: LayerStreamer | None = None  # None = the whole model on the device
+        self.ppl: dict[str, PerplexityResult] = {}
+        self.zeroshot: dict[str, ZeroShotResult] = {}
+        self.speed: dict[str, SpeedResult] = {}
+        self.finetune_record: dict[str, Any] | None = None
+        self.eval_tokens: torch.Tensor | None = None
 
-    def zeroshot_step(stage: str) -> None:
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time a step into ``timings[name]``."""
         t0 = time.perf_counter()
-        zeroshot[stage] = evaluate_zeroshot(
-            model,
-            tokenizer,
-            tasks,
-            batch_size=config.eval_batch_size,
-            limit=config.eval_limit,
-            include_path=config.eval_include_path,
-            seed=config.seed,
-            manager=manager,
-        )
-        timings[f"zeroshot_{stage}"] = time.perf_counter() - t0
+        yield
+        self.timings[name] = time.perf_counter() - t0
 
-    def perplexity(tokens: torch.Tensor) -> PerplexityResult:
-        if streamer is not None:  # one layer at a time, same windows and result
-            return streaming_perplexity(
-                streamer,
-                tokens,
-                seq_len=config.eval_seq_len,
-                max_windows=config.eval_max_windows,
-                batch_size=config.eval_batch_size,
-                dataset=config.eval_dataset,
+    # ------------------------------------------------------------------ checks
+    def load_and_check(self) -> None:
+        """Load the model and data; validate every input before the folder is created."""
+        config = self.config
+        with self.step("load"):
+            log.info("loading %s", config.base_model)
+            self.model, self.tokenizer, self.streamer = load_for_run(config)
+            adapter = get_adapter(self.model)
+            check_declared_geometry(config, self.model.config)
+            check_layer_settings(config, len(adapter.decoder_layers(self.model)))
+        self.memory.mark("load")
+
+        calib_text = load_text(config.calibration_dataset, "calibration", config.data_dir)
+        self.calib_tokens = tokenize_text(self.tokenizer, calib_text)
+        self.calibration = sample_calibration(
+            self.calib_tokens, config.channel_importance_samples, config.taylor_seq_len, config.seed
+        )
+        if config.test_original_ppl or config.test_after_prune:
+            eval_text = load_text(config.eval_dataset, "eval", config.data_dir)
+            self.eval_tokens = tokenize_text(self.tokenizer, eval_text)
+            max_pos = getattr(self.model.config, "max_position_embeddings", None)
+            if max_pos is not None and config.eval_seq_len > max_pos:
+                raise GQAPruneError(
+                    f"--eval_seq_len {config.eval_seq_len} exceeds the model's maximum of "
+                    f"{max_pos} positions; use {max_pos} or less"
+                )
+        self.given_importance = None
+        if config.skip_importance_analysis:
+            self.given_importance = load_layer_importance(
+                str(config.layer_importance_config), self.model
             )
-        return evaluate_perplexity(
-            model,
-            tokens,
+        # a dry run of the allocation with equal layer importance refuses an unreachable
+        # target now, not after the analysis
+        allocate(
+            [1.0] * len(adapter.decoder_layers(self.model)),
+            adapter.geometry(self.model),
+            allocation_config(config),
+        )
+        # recovery: settings checked now; distill keeps the dense model as its teacher
+        self.finetune_prep = (
+            prepare_finetune(config, self.exp, self.model, self.tokenizer, self.calib_tokens)
+            if config.finetune
+            else None
+        )
+        # lm-eval installed and every --eval_tasks name known
+        self.tasks = config.eval_task_names
+        self.manager = task_manager(self.tasks, config.eval_include_path) if self.tasks else None
+
+    # ------------------------------------------------------------------- steps
+    def measure_layer_importance(self) -> None:
+        config = self.config
+        with self.step("layer_importance"):
+            if self.given_importance is not None:
+                self.importance = self.given_importance
+                log.info(
+                    "layer importance: reusing %s (%s)",
+                    config.layer_importance_config,
+                    self.importance.method,
+                )
+                self.importance.save(self.exp.path(LAYER_IMPORTANCE_FILE))
+            else:
+                self.importance = layer_importance_step(
+                    config, self.exp, self.model, self.calib_tokens, self.streamer
+                )
+        self.memory.mark("layer_importance")
+
+    def perplexity(self, tokens: torch.Tensor) -> PerplexityResult:
+        config = self.config
+        kwargs = dict(
             seq_len=config.eval_seq_len,
             max_windows=config.eval_max_windows,
             batch_size=config.eval_batch_size,
             dataset=config.eval_dataset,
         )
+        if self.streamer is not None:  # one layer at a time, same windows and result
+            return streaming_perplexity(self.streamer, tokens, **kwargs)  # type: ignore[arg-type]
+        return evaluate_perplexity(self.model, tokens, **kwargs)  # type: ignore[arg-type]
 
-    t0 = time.perf_counter()
-    if given_importance is not None:
-        importance = given_importance
-        log.info(
-            "layer importance: reusing %s (%s)", config.layer_importance_config, importance.method
-        )
-        importance.save(exp.path(LAYER_IMPORTANCE_FILE))
-    else:
-        importance = layer_importance_step(config, exp, model, calib_tokens, streamer)
-    timings["layer_importance"] = time.perf_counter() - t0
-    memory.mark("layer_importance")
+    def _evaluate_perplexity(self, stage: str, label: str) -> None:
+        if self.eval_tokens is None:
+            return
+        with self.step(f"eval_{stage}"):
+            self.ppl[stage] = self.perplexity(self.eval_tokens)
+        log.info("perplexity %s: %.3f", label, self.ppl[stage].ppl)
 
-    ppl: dict[str, PerplexityResult] = {}
-    if config.test_original_ppl and eval_tokens is not None:
-        t0 = time.perf_counter()
-        ppl["before"] = perplexity(eval_tokens)
-        timings["eval_before"] = time.perf_counter() - t0
-        log.info("perplexity before pruning: %.3f", ppl["before"].ppl)
-    if tasks:
-        zeroshot_step("before")
-    speed: dict[str, SpeedResult] = {}
-    if config.measure_speed:
-        memory.mark("before_speed_dense")  # measure_speed resets the peak counters
-        base_dir = Path(config.base_model).expanduser()
-        speed["dense"] = measure_speed(
-            model,
-            label="dense",
-            seed=config.seed,
-            checkpoint=base_dir if base_dir.is_dir() else None,
-        )
+    def _zeroshot(self, stage: str) -> None:
+        if not self.tasks:
+            return
+        config = self.config
+        with self.step(f"zeroshot_{stage}"):
+            self.zeroshot[stage] = evaluate_zeroshot(
+                self.model,
+                self.tokenizer,
+                self.tasks,
+                batch_size=config.eval_batch_size,
+                limit=config.eval_limit,
+                include_path=config.eval_include_path,
+                seed=config.seed,
+                manager=self.manager,
+            )
 
-    compensation_ids = None
-    if config.compensation != "none":
-        compensation_ids = sample_calibration(
-            calib_tokens, config.compensation_samples, config.taylor_seq_len, config.seed + 2
-        )
-    t0 = time.perf_counter()
-    outcome = prune_model_(
-        model,
-        calibration,
-        allocation_config(config),
-        layer_importance=importance.scores,
-        criterion=config.importance,
-        aggregation=config.aggregation,
-        mode=config.pruning_mode,  # type: ignore[arg-type]
-        batch_size=config.taylor_batch_size,
-        seed=config.seed,
-        compensation=config.compensation,
-        compensation_ids=compensation_ids,
-        compensation_damp=config.compensation_damp,
-        streaming=streamer,
-    )
-    timings["prune"] = time.perf_counter() - t0
-    memory.mark("prune")
-    outcome.plan.save(exp.path("pruning_plan.json"))
-    plot_pruning_strategy(
-        exp.path("pruning_strategy.png"),
-        outcome.allocation,
-        importance.scores,
-        title=f"{config.base_model}: {config.pruning_strategy}, {importance.method} importance",
-    )
-
-    if config.test_after_prune and eval_tokens is not None:
-        t0 = time.perf_counter()
-        ppl["after"] = perplexity(eval_tokens)
-        timings["eval_after"] = time.perf_counter() - t0
-        log.info("perplexity after pruning: %.3f", ppl["after"].ppl)
-
-    if config.save_model:
-        t0 = time.perf_counter()
-        if streamer is not None:  # the pruned model, whole, in CPU RAM
-            streamer.gather_("cpu")
-        save_pruned(model, tokenizer, exp.model_dir, overwrite=config.overwrite)
-        timings["save"] = time.perf_counter() - t0
-        log.info("saved the pruned model to %s", exp.model_dir)
-    if tasks:
-        zeroshot_step("after")
-    if config.measure_speed:
-        memory.mark("before_speed_pruned")
-        speed["pruned"] = measure_speed(
-            model,
-            label="pruned",
-            seed=config.seed,
-            checkpoint=exp.model_dir if config.save_model else None,
+    def _speed(self, label: str, checkpoint: Path | None) -> None:
+        if not self.config.measure_speed:
+            return
+        self.memory.mark(f"before_speed_{label}")  # measure_speed resets the peak counters
+        self.speed[label] = measure_speed(
+            self.model, label=label, seed=self.config.seed, checkpoint=checkpoint
         )
 
-    finetune_record = None
-    if finetune_prep is not None:  # recovery: train, plot, save model_finetuned/
+    def evaluate_dense(self) -> None:
+        if self.config.test_original_ppl:
+            self._evaluate_perplexity("before", "before pruning")
+        self._zeroshot("before")
+        base_dir = Path(self.config.base_model).expanduser()
+        self._speed("dense", base_dir if base_dir.is_dir() else None)
+
+    def prune(self) -> None:
+        config = self.config
+        compensation_ids = None
+        if config.compensation != "none":
+            compensation_ids = sample_calibration(
+                self.calib_tokens,
+                config.compensation_samples,
+                config.taylor_seq_len,
+                config.seed + 2,
+            )
+        with self.step("prune"):
+            self.outcome = prune_model_(
+                self.model,
+                self.calibration,
+                allocation_config(config),
+                layer_importance=self.importance.scores,
+                criterion=config.importance,
+                aggregation=config.aggregation,
+                mode=config.pruning_mode,  # type: ignore[arg-type]
+                batch_size=config.taylor_batch_size,
+                seed=config.seed,
+                compensation=config.compensation,
+                compensation_ids=compensation_ids,
+                compensation_damp=config.compensation_damp,
+                streaming=self.streamer,
+            )
+        self.memory.mark("prune")
+        self.outcome.plan.save(self.exp.path("pruning_plan.json"))
+        plot_pruning_strategy(
+            self.exp.path("pruning_strategy.png"),
+            self.outcome.allocation,
+            self.importance.scores,
+            title=f"{config.base_model}: {config.pruning_strategy}, "
+            f"{self.importance.method} importance",
+        )
+
+    def evaluate_pruned(self) -> None:
+        """Perplexity after pruning, save the model, zero-shot and speed of the pruned model."""
+        config = self.config
+        if config.test_after_prune:
+            self._evaluate_perplexity("after", "after pruning")
+        if config.save_model:
+            with self.step("save"):
+                if self.streamer is not None:  # the pruned model, whole, in CPU RAM
+                    self.streamer.gather_("cpu")
+                save_pruned(self.model, self.tokenizer, self.exp.model_dir, config.overwrite)
+            log.info("saved the pruned model to %s", self.exp.model_dir)
+        self._zeroshot("after")
+        self._speed("pruned", self.exp.model_dir if config.save_model else None)
+
+    def finetune(self) -> None:
+        """Recovery: train, plot, save model_finetuned/ (only with --finetune)."""
+        if self.finetune_prep is None:
+            return
         evaluate = None
-        if config.test_after_prune and eval_tokens is not None:
-            evaluate = partial(perplexity, eval_tokens)
-        finetune_record = finetune_step(
-            config, exp, model, tokenizer, finetune_prep, evaluate, ppl, timings
+        if self.config.test_after_prune and self.eval_tokens is not None:
+            evaluate = partial(self.perplexity, self.eval_tokens)
+        self.finetune_record = finetune_step(
+            self.config,
+            self.exp,
+            self.model,
+            self.tokenizer,
+            self.finetune_prep,
+            evaluate,
+            self.ppl,
+            self.timings,
         )
-        if tasks:
-            zeroshot_step("after_finetune")
+        self._zeroshot("after_finetune")
 
-    memory.mark("end")
-    summary = build_summary(config, outcome, ppl, timings)
-    summary["peak_memory"] = memory.report()
-    if streamer is not None:
-        summary["streaming"] = streamer.describe()
-        streamer.close()  # deletes the offloaded layer files
-    summary["layer_importance"] = {"method": importance.method, "scores": list(importance.scores)}
-    summary["allocation"] = outcome.allocation.to_dict()
-    if finetune_record is not None:
-        summary["finetune"] = finetune_record
-    if zeroshot:
-        summary["zeroshot"] = {k: v.to_dict() for k, v in zeroshot.items()}
-    if speed:
-        summary["efficiency"] = {
-            **{k: v.to_dict() for k, v in speed.items()},
-            "pruned_over_dense": speedup(speed["dense"], speed["pruned"]),
+    def write_summary(self) -> dict[str, Any]:
+        """``summary.json`` and ``report.html``; returns the summary."""
+        self.memory.mark("end")
+        summary = build_summary(self.config, self.outcome, self.ppl, self.timings)
+        summary["peak_memory"] = self.memory.report()
+        if self.streamer is not None:
+            summary["streaming"] = self.streamer.describe()
+        summary["layer_importance"] = {
+            "method": self.importance.method,
+            "scores": list(self.importance.scores),
         }
-    write_json_atomic(exp.path("summary.json"), summary)
-    write_report(exp.root)  # report.html, built from summary.json and the figures
-    return summary
+        summary["allocation"] = self.outcome.allocation.to_dict()
+        if self.finetune_record is not None:
+            summary["finetune"] = self.finetune_record
+        if self.zeroshot:
+            summary["zeroshot"] = {k: v.to_dict() for k, v in self.zeroshot.items()}
+        if self.speed:
+            summary["efficiency"] = {
+                **{k: v.to_dict() for k, v in self.speed.items()},
+                "pruned_over_dense": speedup(self.speed["dense"], self.speed["pruned"]),
+            }
+        write_json_atomic(self.exp.path("summary.json"), summary)
+        write_report(self.exp.root)  # report.html, built from summary.json and the figures
+        return summary
+
+    def close(self) -> None:
+        """Delete offloaded layer files (streaming with --offload_dir)."""
+        if self.streamer is not None:
+            self.streamer.close()
