@@ -400,8 +400,8 @@ def allocate(
 
 
 def allocate_global(
-    group_scores: Sequence[Sequence[float]],
-    channel_scores: Sequence[Sequence[float]],
+    group_scores: Sequence[Any],
+    channel_scores: Sequence[Any],
     geometry: GQAGeometry,
     config: AllocationConfig,
     *,
@@ -422,7 +422,8 @@ def allocate_global(
     ``mlp_round_to`` apply as in :func:`allocate`; ``strategy`` and ``alpha`` do not.
 
     Args:
-        group_scores: per layer one score per KV group, ``(num_layers, kv_heads_l)``.
+        group_scores: per layer one score per KV group (a 1-D tensor, array or list),
+            ``(num_layers, kv_heads_l)``.
         channel_scores: per layer one score per MLP channel, ``(num_layers, intermediate_l)``.
         geometry: the model's shapes.
         config: target and constraints.

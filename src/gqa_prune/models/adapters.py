@@ -63,10 +63,10 @@ class ArchitectureAdapter:
             obj = getattr(obj, part)
         return obj
 
-    def attention(self, layer: nn.Module) -> nn.Module:
+    def attention(self, layer: nn.Module) -> Any:
         return self._child(layer, self.attn_attr, "attention block")
 
-    def mlp(self, layer: nn.Module) -> nn.Module:
+    def mlp(self, layer: nn.Module) -> Any:
         return self._child(layer, self.mlp_attr, "MLP block")
 
     def attention_projections(self, layer: nn.Module) -> tuple[nn.Linear, ...]:
@@ -146,7 +146,8 @@ class ArchitectureAdapter:
     # --------------------------------------------------------------- geometry
     def geometry(self, model: nn.Module) -> GQAGeometry:
         """Current per-layer shapes of ``model``, read from its modules and config."""
-        config = model.config
+        hf_model: Any = model  # a PreTrainedModel: nn.Module does not declare .config
+        config = hf_model.config
         n_q, n_kv, head_dim = heads_from_config(config)
         layers = self.decoder_layers(model)
         kv_heads, inter = [], []

@@ -97,7 +97,9 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype
+    )
     # the weights are dequantised: drop the GGUF marker so save/reload treat them as plain
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -137,6 +139,7 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     path = Path(source).expanduser()
+    model: Any  # a transformers PreTrainedModel
     if source in BUILTIN_MODELS:
         path = _materialise_builtin(source)
     elif path.suffix == ".gguf":

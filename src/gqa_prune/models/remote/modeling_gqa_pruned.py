@@ -8,6 +8,8 @@ ratio, which pruning keeps, so the stock forward (and KV cache) run unchanged. A
 with 0 KV heads has no attention at all: :class:`RemovedAttention` stands in for it.
 """
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import (
@@ -71,7 +73,7 @@ class RemovedAttention(nn.Module):
         return out, None
 
 
-def resize_layers_to_config(model: nn.Module) -> None:
+def resize_layers_to_config(model: Any) -> None:
     """Re-create q/k/v/o and gate/up/down of each layer at the sizes in ``model.config``.
 
     ``layer_output_bias: true`` (FLAP-style bias compensation) gives o_proj and down_proj a
