@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -139,21 +139,57 @@ def prune_model_(
             compensation_ids=compensation_ids,
             compensation_damp=compensation_damp,
         )
-    adapter = get_adapter(model)
-    before = adapter.geometry(model)
-    importance = (
-        list(layer_importance) if layer_importance is not None else [1.0] * before.num_layers
+    before = get_adapter(model).geometry(model)
+    check_compensation(compensation, compensation_damp)
+    allocation, scores, plan = plan_pruning(
+        before,
+        allocation_config,
+        layer_importance,
+        mode,
+        lambda: compute_unit_scores(
+            model, calibration_ids, criterion, aggregation, batch_size, seed, progress
+        ),
     )
+    if compensation == "none":
+        after = apply_plan_(model, plan)
+    else:
+        ids = calibration_ids if compensation_ids is None else compensation_ids
+        after = apply_plan_sequential_(
+            model, plan, ids, compensation, compensation_damp, batch_size, progress
+        )
+    check_finite_logits(model, calibration_ids[:1], step="after pruning")
+    return PruneOutcome(plan, allocation, before, after, scores)
+
+
+def plan_pruning(
+    before: GQAGeometry,
+    allocation_config: AllocationConfig,
+    layer_importance: Sequence[float] | None,
+    mode: str,
+    score_units: Callable[[], UnitScores],
+) -> tuple[Allocation, UnitScores, PruningPlan]:
+    """Allocate per-layer budgets and pick the units to keep (no weight changes).
+
+    In ``layer`` mode the allocation runs before the (costly) scoring, so an impossible
+    target fails fast; ``global`` mode needs the scores to allocate.
+
+    Args:
+        before: the model's current shapes.
+        allocation_config: target, strategy and constraints.
+        layer_importance: one score per layer; None = all equal.
+        mode: ``layer`` or ``global``.
+        score_units: computes the unit scores (in memory or streamed).
+    """
     if mode not in PRUNING_MODES:
         raise GQAPruneError(
             f"unknown pruning mode '{mode}'; choose one of {', '.join(PRUNING_MODES)}"
         )
-    check_compensation(compensation, compensation_damp)
-    if mode == "layer":  # fail fast on an impossible target, before the costly scoring
-        allocation = allocate(importance, before, allocation_config)
-    scores = compute_unit_scores(
-        model, calibration_ids, criterion, aggregation, batch_size, seed, progress
+    importance = (
+        list(layer_importance) if layer_importance is not None else [1.0] * before.num_layers
     )
+    if mode == "layer":
+        allocation = allocate(importance, before, allocation_config)
+    scores = score_units()
     if mode == "global":
         allocation = allocate_global(
             scores.groups, scores.channels, before, allocation_config, importance=importance
@@ -165,16 +201,7 @@ def prune_model_(
         before.total_params,
         100 * allocation.target_ratio,
     )
-    plan = build_plan(scores, allocation, before)
-    if compensation == "none":
-        after = apply_plan_(model, plan)
-    else:
-        ids = calibration_ids if compensation_ids is None else compensation_ids
-        after = apply_plan_sequential_(
-            model, plan, ids, compensation, compensation_damp, batch_size, progress
-        )
-    check_finite_logits(model, calibration_ids[:1], step="after pruning")
-    return PruneOutcome(plan, allocation, before, after, scores)
+    return allocation, scores, build_plan(scores, allocation, before)
 
 
 def _prune_streaming_(

@@ -122,14 +122,7 @@ def apply_plan_sequential_(
     check_compensation(compensation, damp)
     if compensation == "none":
         return apply_plan_(model, plan)
-    if calibration_ids is None or calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
-        shape = None if calibration_ids is None else tuple(calibration_ids.shape)
-        raise GQAPruneError(
-            f"compensation '{compensation}' needs calibration ids of shape (num_samples, "
-            f"seq_len), got {shape}"
-        )
-    if batch_size < 1:
-        raise GQAPruneError(f"batch_size must be >= 1, got {batch_size}")
+    calibration_ids = check_calibration_ids(compensation, calibration_ids, batch_size)
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     by_layer = {lp.layer_idx: lp for lp in plan.layers}
@@ -154,6 +147,25 @@ def apply_plan_sequential_(
     update_config_(model.config, geometry)
     check_pruned_model(model, plan)
     return geometry
+
+
+def check_calibration_ids(
+    compensation: str, calibration_ids: torch.Tensor | None, batch_size: int
+) -> torch.Tensor:
+    """The ids, checked: ``(num_samples, seq_len)``, non-empty, and batch_size >= 1.
+
+    Raises:
+        GQAPruneError: otherwise.
+    """
+    if calibration_ids is None or calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
+        shape = None if calibration_ids is None else tuple(calibration_ids.shape)
+        raise GQAPruneError(
+            f"compensation '{compensation}' needs calibration ids of shape (num_samples, "
+            f"seq_len), got {shape}"
+        )
+    if batch_size < 1:
+        raise GQAPruneError(f"batch_size must be >= 1, got {batch_size}")
+    return calibration_ids
 
 
 def record_layer_inputs(

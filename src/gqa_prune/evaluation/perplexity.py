@@ -69,42 +69,75 @@ def evaluate_perplexity(
         GQAPruneError: no window to evaluate, or the logits are not finite.
     """
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise GQAPruneError(
-            f"eval seq_len {seq_len} exceeds the model's maximum of {max_pos} positions; "
-            f"use --eval_seq_len {max_pos} or less"
-        )
-    windows = make_windows(tokens, seq_len, max_windows)
-    if not windows:
-        raise GQAPruneError(f"no evaluation window: the text has only {tokens.numel()} tokens")
+    batches, num_windows = eval_batches(tokens, seq_len, max_windows, batch_size, max_pos)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     nll_sum, count = 0.0, 0
-    full = [w for w in windows if w.numel() == seq_len]
-    rest = [w for w in windows if w.numel() != seq_len]
-    batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
-    batches += [w[None] for w in rest]
     for batch in tqdm(batches, desc=f"perplexity {dataset}".strip(), disable=not progress):
         batch = batch.to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        if not torch.isfinite(logits).all():
-            raise GQAPruneError("evaluation: the model produced non-finite logits")
-        targets = batch[:, 1:]
-        nll = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        )
-        nll_sum += float(nll)
-        count += targets.numel()
+        nll, n = next_token_nll_sum(model(input_ids=batch).logits, batch)
+        nll_sum += nll
+        count += n
     model.train(was_training)
     return PerplexityResult(
         ppl=math.exp(nll_sum / count),
         nll_sum=nll_sum,
         num_tokens=count,
-        num_windows=len(windows),
+        num_windows=num_windows,
         seq_len=seq_len,
         dataset=dataset,
     )
+
+
+def eval_batches(
+    tokens: torch.Tensor,
+    seq_len: int,
+    max_windows: int | None,
+    batch_size: int,
+    max_positions: int | None = None,
+) -> tuple[list[torch.Tensor], int]:
+    """Windows of ``tokens`` stacked into batches: full windows ``batch_size`` at a time,
+    then a short last window alone.
+
+    Returns:
+        ``(batches, num_windows)``; each batch has shape ``(b, seq_len)`` (or ``(1, n)``).
+
+    Raises:
+        GQAPruneError: ``seq_len`` beyond the model's positions, or no window at all.
+    """
+    if max_positions is not None and seq_len > max_positions:
+        raise GQAPruneError(
+            f"eval seq_len {seq_len} exceeds the model's maximum of {max_positions} positions; "
+            f"use --eval_seq_len {max_positions} or less"
+        )
+    windows = make_windows(tokens, seq_len, max_windows)
+    if not windows:
+        raise GQAPruneError(f"no evaluation window: the text has only {tokens.numel()} tokens")
+    full = [w for w in windows if w.numel() == seq_len]
+    rest = [w for w in windows if w.numel() != seq_len]
+    batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
+    return batches + [w[None] for w in rest], len(windows)
+
+
+def next_token_nll_sum(logits: torch.Tensor, batch: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL (fp32) of a batch and the number of predicted tokens.
+
+    Args:
+        logits: ``(b, L, vocab)``.
+        batch: the token ids, ``(b, L)``; position t predicts token t + 1.
+
+    Raises:
+        GQAPruneError: non-finite logits.
+    """
+    logits = logits[:, :-1].float()
+    if not torch.isfinite(logits).all():
+        raise GQAPruneError("evaluation: the model produced non-finite logits")
+    targets = batch[:, 1:].to(logits.device)
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+    )
+    return float(nll), targets.numel()
 
 
 class PPLMetric:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from gqa_prune.compensation.sequential import (
     DEFAULT_DAMP,
     add_output_biases_,
+    check_calibration_ids,
     check_compensation,
     prune_layer_,
 )
@@ -89,14 +90,7 @@ def streaming_apply_plan_(
     states: list[torch.Tensor] = []
     calls: list[Any] = []
     if compensation != "none":
-        if calibration_ids is None or calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
-            shape = None if calibration_ids is None else tuple(calibration_ids.shape)
-            raise GQAPruneError(
-                f"compensation '{compensation}' needs calibration ids of shape (num_samples, "
-                f"seq_len), got {shape}"
-            )
-        if batch_size < 1:
-            raise GQAPruneError(f"batch_size must be >= 1, got {batch_size}")
+        calibration_ids = check_calibration_ids(compensation, calibration_ids, batch_size)
         states, calls = streamer.capture(list(calibration_ids.split(batch_size)))
     n = streamer.num_layers
     for i in tqdm(range(n), desc=f"compensation {compensation} (streaming)", disable=not progress):

@@ -8,14 +8,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from gqa_prune.allocation import AllocationConfig, allocate, allocate_global
+from gqa_prune.allocation import AllocationConfig
 from gqa_prune.compensation import DEFAULT_DAMP, check_compensation
 from gqa_prune.errors import GQAPruneError
-from gqa_prune.evaluation.perplexity import PerplexityResult, make_windows
+from gqa_prune.evaluation.perplexity import (
+    PerplexityResult,
+    eval_batches,
+    next_token_nll_sum,
+)
 from gqa_prune.models.adapters import get_adapter
-from gqa_prune.pipeline import PRUNING_MODES, PruneOutcome, build_plan
+from gqa_prune.pipeline import PruneOutcome, plan_pruning
 from gqa_prune.streaming.compensation import streaming_apply_plan_
 from gqa_prune.streaming.executor import LayerStreamer
 from gqa_prune.streaming.memory import MemoryPlan, check_fits, estimate_memory, outside_bytes
@@ -111,35 +114,19 @@ def prune_model_streaming_(
     pruned weights equal the in-memory run's (up to floating-point summation order).
     Checks the memory cap first (:func:`check_streaming_memory`).
     """
-    adapter = streamer.adapter
-    before = adapter.geometry(streamer.model)
-    importance = (
-        list(layer_importance) if layer_importance is not None else [1.0] * before.num_layers
-    )
-    if mode not in PRUNING_MODES:
-        raise GQAPruneError(
-            f"unknown pruning mode '{mode}'; choose one of {', '.join(PRUNING_MODES)}"
-        )
+    before = streamer.adapter.geometry(streamer.model)
     check_compensation(compensation, compensation_damp)
     seq_len = int(calibration_ids.shape[-1]) if calibration_ids is not None else 1
     check_streaming_memory(streamer, batch_size, seq_len, criterion, compensation)
-    if mode == "layer":
-        allocation = allocate(importance, before, allocation_config)
-    scores = streaming_unit_scores(
-        streamer, calibration_ids, criterion, aggregation, batch_size, seed, progress
-    )
-    if mode == "global":
-        allocation = allocate_global(
-            scores.groups, scores.channels, before, allocation_config, importance=importance
-        )
-    log.info(
-        "allocation (%s): remove %.2f%% of %d parameters (target %.2f%%)",
+    allocation, scores, plan = plan_pruning(
+        before,
+        allocation_config,
+        layer_importance,
         mode,
-        100 * allocation.achieved_ratio,
-        before.total_params,
-        100 * allocation.target_ratio,
+        lambda: streaming_unit_scores(
+            streamer, calibration_ids, criterion, aggregation, batch_size, seed, progress
+        ),
     )
-    plan = build_plan(scores, allocation, before)
     ids = calibration_ids if compensation_ids is None else compensation_ids
     after = streaming_apply_plan_(
         streamer, plan, ids, compensation, compensation_damp, batch_size, progress
@@ -173,36 +160,19 @@ def streaming_perplexity(
     the host between layers (``windows x seq_len x hidden`` values in the model dtype).
     """
     max_pos = getattr(streamer.model.config, "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise GQAPruneError(
-            f"eval seq_len {seq_len} exceeds the model's maximum of {max_pos} positions; "
-            f"use --eval_seq_len {max_pos} or less"
-        )
-    windows = make_windows(tokens, seq_len, max_windows)
-    if not windows:
-        raise GQAPruneError(f"no evaluation window: the text has only {tokens.numel()} tokens")
-    full = [w for w in windows if w.numel() == seq_len]
-    rest = [w for w in windows if w.numel() != seq_len]
-    batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
-    batches += [w[None] for w in rest]
+    batches, num_windows = eval_batches(tokens, seq_len, max_windows, batch_size, max_pos)
     states, calls = streamer.capture(batches)
     streamer.forward_(states, calls, desc=f"perplexity {dataset}".strip(), progress=progress)
     nll_sum, count = 0.0, 0
     for hidden, batch in zip(states, batches, strict=True):
-        logits = streamer.logits(hidden)[:, :-1].float()
-        if not torch.isfinite(logits).all():
-            raise GQAPruneError("evaluation: the model produced non-finite logits")
-        targets = batch[:, 1:].to(logits.device)
-        nll = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        )
-        nll_sum += float(nll)
-        count += targets.numel()
+        nll, n = next_token_nll_sum(streamer.logits(hidden), batch)
+        nll_sum += nll
+        count += n
     return PerplexityResult(
         ppl=math.exp(nll_sum / count),
         nll_sum=nll_sum,
         num_tokens=count,
-        num_windows=len(windows),
+        num_windows=num_windows,
         seq_len=seq_len,
         dataset=dataset,
     )
