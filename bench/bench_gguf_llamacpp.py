@@ -9,6 +9,16 @@ and perplexity from PyTorch and from llama.cpp. Needs llama-cpp-python
 (scripts/install_llama_cpp.sh).
 
     .venv/bin/python bench/bench_gguf_llamacpp.py --data_dir ../shared/data
+
+With ``--spm_vocab``, checks the SentencePiece-style tokenizer export on a real vocabulary
+instead: llama.cpp's ``models/ggml-vocab-llama-spm.gguf`` (Llama-2's 32k pieces and scores,
+with ``.inp``/``.out`` test texts and Hugging Face ids; in the llama-cpp-python source
+package under ``vendor/llama.cpp/models``) becomes a Llama-2-style ``tokenizer.json`` (merges
+ordered by piece score, as transformers converts SentencePiece), which is exported and
+tokenized by llama.cpp:
+
+    .venv/bin/python bench/bench_gguf_llamacpp.py --data_dir ../shared/data \
+        --spm_vocab /path/to/llama.cpp/models/ggml-vocab-llama-spm.gguf
 """
 
 from __future__ import annotations
@@ -51,7 +61,61 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--outtypes", default="f32,f16,q8_0")
     p.add_argument("--work_dir", default=None, help="keep the checkpoint and GGUF files here")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--spm_vocab", default=None, help="llama.cpp's ggml-vocab-llama-spm.gguf")
     return p.parse_args()
+
+
+def check_spm_vocab(vocab_gguf: Path, data_dir: str | None, work: Path) -> None:
+    """llama.cpp's tokenization of an exported SentencePiece-style tokenizer vs Hugging Face."""
+    import gguf
+    from tokenizers import Tokenizer, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    from gqa_prune.export.gguf_tokenizer import read_tokenizer
+
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(vocab_gguf).fields.items()}
+    pieces = fields["tokenizer.ggml.tokens"]
+    scores = dict(zip(pieces, fields["tokenizer.ggml.scores"]))
+    not_normal = [t for t, ty in zip(pieces, fields["tokenizer.ggml.token_type"]) if ty != 1]
+    vocab = {t: i for i, t in enumerate(pieces)}
+    merges = generate_merges(vocab, scores, skip_tokens=not_normal)
+    bpe = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    space = "\u2581"  # Llama-2's tokenizer.json: Prepend + Replace normalizers, BOS added
+    bpe.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(space), normalizers.Replace(" ", space)]
+    )
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    folder = work / "spm-tokenizer"
+    hf.save_pretrained(folder)
+    out = folder / "vocab.gguf"  # a vocab-only file: the tokenizer needs no tensors
+    writer = gguf.GGUFWriter(out, arch="llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(fields["llama.embedding_length"])
+    writer.add_head_count(fields["llama.attention.head_count"])
+    read_tokenizer(folder, len(pieces)).write_to(writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    inp = Path(f"{vocab_gguf}.inp").read_text(encoding="utf-8")
+    texts = inp.split("\n__ggml_vocab_test__\n")[:-1]
+    lines = Path(f"{vocab_gguf}.out").read_text().split("\n")
+    reference = [[int(x) for x in line.split()] for line in lines[: len(texts)]]
+    hf_ok = sum(hf(t, add_special_tokens=False)["input_ids"] == r for t, r in zip(texts, reference))
+    cpp_ok = sum(llama_cpp_tokenize(out, t) == r for t, r in zip(texts, reference))
+    print(f"{vocab_gguf.name}: {len(pieces)} tokens, {len(merges)} merges")
+    print(f"rebuilt HF tokenizer == reference HF ids: {hf_ok}/{len(texts)} texts")
+    print(f"llama.cpp on the exported file == reference HF ids: {cpp_ok}/{len(texts)} texts")
+    if data_dir:
+        text = load_text("wikitext2", "eval", data_dir)[:200_000]
+        ids = hf(text, add_special_tokens=False)["input_ids"]
+        same = llama_cpp_tokenize(out, text) == ids
+        print(f"WikiText-2 test, first 200,000 characters ({len(ids)} tokens): same ids {same}")
 
 
 def prune_and_save(args: argparse.Namespace, out_dir: Path) -> Path:
@@ -66,6 +130,9 @@ def prune_and_save(args: argparse.Namespace, out_dir: Path) -> Path:
 def main() -> None:
     args = parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_gguf_"))
+    if args.spm_vocab:
+        check_spm_vocab(Path(args.spm_vocab), args.data_dir, work)
+        return
     t0 = time.perf_counter()
     ckpt = prune_and_save(args, work / "model")
     cfg = json.loads((ckpt / "config.json").read_text())

@@ -1,4 +1,4 @@
-"""GGUF export: per-layer metadata, tensor layout and values, tokenizer, refusals, CLI.
+"""GGUF export: per-layer metadata, tensor layout and values, tokenizers, Qwen3, refusals, CLI.
 
 Files are read back with gguf.GGUFReader; that llama.cpp computes the same logits is
 checked in tests/slow/test_gguf_llama_cpp.py (needs llama-cpp-python).
@@ -14,68 +14,31 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import assert_one_error_line
+from gguf_helpers import (
+    HIDDEN,
+    MLP_KEEP,
+    VOCAB,
+    _edit_checkpoint,
+    _set,
+    bpe_tokenizer,
+    pruned_dir_at,
+    pruned_model,
+    read,
+    spm_tokenizer,
+    values,
+)
 from safetensors.torch import load_file, save_file
 
-from gqa_prune import GQAPruneError, LayerPlan, PruningPlan, apply_plan_, export_gguf, save_pruned
+from gqa_prune import GQAPruneError, export_gguf, save_pruned
 from gqa_prune.cli import main
 from gqa_prune.export.gguf_rope import llama3_rope_factors, rope_deinterleave, rope_interleave
 
 from conftest import save_tiny_model_dir, tiny_model
 
-VOCAB = 300
-HIDDEN = 64
-MLP_KEEP = (64, 96, 50)  # multiples of 32 become q8_0; 50 stays f16
-
-
-def bpe_tokenizer():
-    """A byte-level BPE tokenizer (GPT-2 style) built in memory: 256 bytes + 3 merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-
-
-def pruned_model(kind: str = "llama4", **overrides):
-    """A tiny model pruned unevenly: KV groups (1, 2, 1) of 2 or 3, MLP widths MLP_KEEP."""
-    model = tiny_model(kind, vocab_size=VOCAB, hidden_size=HIDDEN, **overrides)
-    n_kv = model.config.num_key_value_heads
-    groups = ((0,), tuple(range(n_kv)), (n_kv - 1,))
-    plan = PruningPlan(
-        layers=tuple(LayerPlan(i, groups[i], tuple(range(96 - MLP_KEEP[i], 96))) for i in range(3)),
-        queries_per_kv=model.config.num_attention_heads // n_kv,
-        head_dim=model.config.head_dim,
-    )
-    apply_plan_(model, plan)
-    return model
-
 
 @pytest.fixture
 def pruned_dir(tmp_path):
-    return save_pruned(pruned_model(), bpe_tokenizer(), tmp_path / "pruned")
-
-
-def read(path):
-    reader = gguf.GGUFReader(path)
-    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    return fields, {t.name: t for t in reader.tensors}
-
-
-def values(t) -> np.ndarray:
-    """A tensor of the file as float32 in PyTorch (rows, cols) order."""
-    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-        return np.asarray(t.data, dtype=np.float32)
-    return gguf.quants.dequantize(t.data, t.tensor_type)
+    return pruned_dir_at(tmp_path)
 
 
 def test_per_layer_metadata_matches_config(pruned_dir, tmp_path):
@@ -152,34 +115,46 @@ def test_q8_0_file_is_smaller(pruned_dir, tmp_path):
     assert sizes["q8_0"] < sizes["f16"] < sizes["f32"]
 
 
-def test_tokenizer_metadata(pruned_dir, tmp_path):
-    fields, _ = read(export_gguf(pruned_dir, tmp_path / "m.gguf", "f16"))
-    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
-    assert fields["tokenizer.ggml.model"] == "gpt2"
-    assert fields["tokenizer.ggml.pre"] == "gpt-2"
-    assert len(tokens) == len(types) == VOCAB  # one per embedding row
-    assert tokens[1] == "<s>" and types[1] == gguf.TokenType.CONTROL
-    assert tokens[3] == "!" and types[3] == gguf.TokenType.NORMAL
-    assert tokens[VOCAB - 1] == f"[PAD{VOCAB - 1}]" and types[-1] == gguf.TokenType.UNUSED
-    assert fields["tokenizer.ggml.merges"] == ["Ġ t", "h e", "Ġt he"]
-    assert fields["tokenizer.ggml.bos_token_id"] == 1
-    assert fields["tokenizer.ggml.eos_token_id"] == 2
-    assert fields["tokenizer.ggml.add_bos_token"] is False
+def tiny_qwen3(**overrides):
+    return pruned_model("qwen3", tie_word_embeddings=True, **overrides)
 
 
-def _edit_checkpoint(folder, drop: list[str], **config_updates) -> None:
-    """Remove tensors (by name prefix) and change config.json entries of a checkpoint."""
-    weights = load_file(folder / "model.safetensors")
-    kept = {k: v for k, v in weights.items() if not any(k.startswith(p) for p in drop)}
-    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((folder / "config.json").read_text())
-    for key, update in config_updates.items():
-        cfg[key] = update(cfg[key]) if callable(update) else update
-    (folder / "config.json").write_text(json.dumps(cfg))
+def test_qwen3_is_written_as_openelm_with_fused_qkv_and_qk_norms(tmp_path):
+    folder = save_pruned(tiny_qwen3(), bpe_tokenizer(), tmp_path / "q3")
+    src = load_file(folder / "model.safetensors")
+    fields, tensors = read(export_gguf(folder, tmp_path / "q3.gguf", "f32"))
+    assert fields["general.architecture"] == "openelm"
+    assert fields["openelm.attention.head_count"] == [2, 4, 2]
+    assert fields["openelm.attention.head_count_kv"] == [1, 2, 1]
+    assert fields["openelm.feed_forward_length"] == list(MLP_KEEP)
+    assert fields["openelm.attention.key_length"] == 16  # head_dim != hidden / heads
+    assert "output.weight" not in tensors  # openelm always ties the output to token_embd
+    for i in range(3):
+        attn = f"model.layers.{i}.self_attn"
+        qkv = torch.cat([src[f"{attn}.{p}_proj.weight"] for p in "qkv"])  # NEOX RoPE: as is
+        assert torch.equal(
+            torch.from_numpy(values(tensors[f"blk.{i}.attn_qkv.weight"]).copy()), qkv
+        )
+        for norm in ("q_norm", "k_norm"):
+            got = values(tensors[f"blk.{i}.attn_{norm}.weight"])
+            np.testing.assert_array_equal(got, src[f"{attn}.{norm}.weight"].numpy())
 
 
-def _set(index: int, value: int):
-    return lambda lst: [value if i == index else v for i, v in enumerate(lst)]
+def test_qwen3_removed_attention_and_mlp_become_zero_blocks(tmp_path):
+    from gqa_prune.slicing import prune_attention_by_gqa_groups
+
+    model = tiny_qwen3()
+    prune_attention_by_gqa_groups(model.model.layers[1], [], allow_removal=True)
+    folder = save_pruned(model, bpe_tokenizer(), tmp_path / "q3")
+    _edit_checkpoint(folder, ["model.layers.2.mlp."], layer_intermediate_sizes=_set(2, 0))
+    fields, tensors = read(export_gguf(folder, tmp_path / "q3.gguf", "f32"))
+    # the openelm graph runs attention and MLP in every layer: zero-output stand-ins
+    assert fields["openelm.attention.head_count"][1] == 2
+    assert fields["openelm.attention.head_count_kv"][1] == 1
+    assert tensors["blk.1.attn_qkv.weight"].data.shape == (4 * 16, HIDDEN)
+    assert not values(tensors["blk.1.attn_output.weight"]).any()
+    assert fields["openelm.feed_forward_length"][2] == 1
+    assert not values(tensors["blk.2.ffn_down.weight"]).any()
 
 
 def test_attention_free_layer_has_no_heads_and_no_attention_tensors(pruned_dir, tmp_path):
@@ -328,36 +303,40 @@ def test_refuses_existing_output_unless_overwrite(pruned_dir, tmp_path):
 @pytest.mark.parametrize(
     "setup, words",
     [
-        ("qwen3", "q_norm/k_norm"),
+        ("qwen3_untied", "untied lm_head"),
+        ("qwen3_bias", "Qwen3 with biases"),
         ("extra_tensor", "have no place in a deci GGUF file"),
         ("char_tokenizer", "not byte-level"),
+        ("spm_split", "split: true"),
+        ("spm_missing_byte", "byte fallback needs all 256 byte tokens"),
+        ("spm_nfkc", "normalizer step NFKC"),
         ("yarn", "rope type 'yarn'"),
         ("gelu", "hidden_act 'gelu'"),
         ("inconsistent", "disagrees with the weights"),
     ],
 )
-def test_refuses_what_deci_cannot_represent(pruned_dir, tmp_path, setup, words):
+def test_refuses_what_llama_cpp_cannot_represent(pruned_dir, tmp_path, setup, words):
     folder = pruned_dir
-    if setup == "qwen3":
-        from transformers import AutoModelForCausalLM, Qwen3Config
-
-        config = Qwen3Config(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            head_dim=8,
-        )
-        folder = tmp_path / "qwen3"
-        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    if setup.startswith("qwen3"):
+        untied = setup == "qwen3_untied"
+        model = pruned_model("qwen3", tie_word_embeddings=not untied, attention_bias=not untied)
+        folder = save_pruned(model, bpe_tokenizer(), tmp_path / "qwen3")
     elif setup == "extra_tensor":
         weights = load_file(folder / "model.safetensors")
         weights["model.layers.0.self_attn.q_norm.weight"] = torch.ones(8)
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     elif setup == "char_tokenizer":
         folder = save_tiny_model_dir(tmp_path / "chars")
+    elif setup.startswith("spm"):
+        folder = save_pruned(pruned_model(), spm_tokenizer("first"), tmp_path / "spm")
+        tok = json.loads((folder / "tokenizer.json").read_text())
+        if setup == "spm_split":  # then "▁▁" could never be made
+            tok["pre_tokenizer"]["split"] = True
+        elif setup == "spm_missing_byte":
+            del tok["model"]["vocab"]["<0x80>"]
+        else:
+            tok["normalizer"] = {"type": "NFKC"}
+        (folder / "tokenizer.json").write_text(json.dumps(tok))
     else:
         change = {
             "yarn": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},

@@ -22,9 +22,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="gqa-prune export-gguf",
-        description="Write a pruned (or dense Llama/Mistral/Qwen2) checkpoint folder as a GGUF "
-        "file for llama.cpp: architecture 'deci', with per-layer Q heads, KV heads and MLP "
-        "widths, plus the tokenizer.",
+        description="Write a pruned (or dense Llama/Mistral/Qwen2/Qwen3) checkpoint folder as a "
+        "GGUF file for llama.cpp, with per-layer Q heads, KV heads and MLP widths (architecture "
+        "'deci'; 'openelm' for Qwen3), plus the tokenizer (byte-level or SentencePiece-style "
+        "BPE).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("checkpoint", help="folder written by save_pruned / --save_model")

@@ -7,6 +7,9 @@ Reordering the rows of q_proj and k_proj (and their biases) within each head as
 
     HF head rows     x0 x1 x2 x3 | y0 y1 y2 y3        (x_j, y_j) rotated together
     GGUF head rows   x0 y0 x1 y1 x2 y2 x3 y3
+
+llama.cpp's openelm architecture (used for Qwen3) applies NEOX RoPE, which rotates the same
+``(j, j + d/2)`` pairs as Hugging Face: its q/k rows are written unchanged.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
     rope["rope_type"] = rope_type
     if rope_type not in ("default", "linear", "llama3"):
         raise GQAPruneError(
-            f"rope type '{rope_type}' cannot be exported to llama.cpp's deci architecture here "
+            f"rope type '{rope_type}' cannot be exported to llama.cpp here "
             "(supported: default, linear, llama3)"
         )
     if "full_attention" in rope or "sliding_attention" in rope:

@@ -51,6 +51,10 @@ class CheckpointWeights:
         """Name prefix of decoder layer ``i``."""
         return f"model.layers.{i}"
 
+    def names(self) -> list[str]:
+        """Every tensor name of the checkpoint, sorted."""
+        return sorted(self._shape)
+
     def has(self, key: str) -> bool:
         return key in self._shape
 
@@ -62,17 +66,17 @@ class CheckpointWeights:
         with safe_open(self._file[key], framework="pt") as f:
             return f.get_tensor(key)
 
-    def check_all_used(self, used: set[str]) -> None:
-        """Refuse tensors the export would silently drop (e.g. Qwen3's q_norm/k_norm)."""
+    def check_all_used(self, used: set[str], arch: str) -> None:
+        """Refuse tensors the export would silently drop (e.g. q_norm outside Qwen3)."""
         left = sorted(k for k in self._shape if k not in used and not _SKIPPABLE.match(k))
         if left:
             hint = (
-                " (per-head q/k norms, as in Qwen3, are not part of llama.cpp's deci graph)"
+                " (per-head q/k norms are exported for Qwen3 only, as openelm)"
                 if any("q_norm" in k or "k_norm" in k for k in left)
                 else ""
             )
             raise GQAPruneError(
-                f"{len(left)} tensor(s) of {self.folder} have no place in a deci GGUF file, e.g. "
-                f"'{left[0]}'{hint}; only Llama-style blocks (q/k/v/o, gate/up/down, RMSNorm) "
-                "can be exported"
+                f"{len(left)} tensor(s) of {self.folder} have no place in a {arch} GGUF file, "
+                f"e.g. '{left[0]}'{hint}; only Llama-style blocks (q/k/v/o, gate/up/down, "
+                "RMSNorm) can be exported"
             )

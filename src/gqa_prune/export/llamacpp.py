@@ -72,12 +72,18 @@ def llama_cpp_logits(
         llm.close()
 
 
-def llama_cpp_tokenize(gguf_path: str | Path, text: str) -> list[int]:
-    """Token ids llama.cpp's tokenizer (from the GGUF metadata) gives ``text``, no BOS."""
+def llama_cpp_tokenize(gguf_path: str | Path, text: str, add_special: bool = False) -> list[int]:
+    """Token ids llama.cpp's tokenizer (from the GGUF metadata) gives ``text``.
+
+    Args:
+        add_special: add BOS/EOS as the file's ``add_bos_token``/``add_eos_token`` say (like
+            a Hugging Face tokenizer with ``add_special_tokens=True``); special-token text in
+            ``text`` is not parsed either way.
+    """
     llama_cpp = _llama_cpp()
     llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     try:
-        return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=False))
     finally:
         llm.close()
 
