@@ -253,7 +253,7 @@ def _correction(
 
 
 def _apply_correction_(linear: nn.Linear, fix: torch.Tensor, compensation: str) -> None:
-    """After slicing: write the refitted columns, or add the bias increment."""
+    """Write the refitted columns (after slicing), or add the bias increment (any time)."""
     if compensation == "lstsq":
         linear.weight.data.copy_(fix)
     elif linear.bias is not None:  # added by add_output_biases_
@@ -285,17 +285,14 @@ def prune_layer_(
         o = adapter.attention_projections(layer)[3]
         (o_stats,) = _collect(layer, [o], states, calls, gram)
         keep = group_rows(lp.keep_kv_groups, plan.queries_per_kv * plan.head_dim)
-        if keep.numel() or compensation == "bias":
-            fix = _correction(o, keep, o_stats, compensation, damp)
+        no_columns_left = compensation == "lstsq" and not keep.numel()
+        fix = None if no_columns_left else _correction(o, keep, o_stats, compensation, damp)
         del o_stats
-        prune_attention_by_gqa_groups(layer, lp.keep_kv_groups, adapter, allow_removal=True)
-        if keep.numel():
+        if fix is not None and compensation == "bias":  # bias is not sliced; removal keeps it
             _apply_correction_(o, fix, compensation)
-        elif compensation == "bias":
-            removed_bias = adapter.attention(layer).bias
-            if removed_bias is None:
-                raise RuntimeError("bias compensation needs an output bias (add_output_biases_)")
-            removed_bias.data += fix
+        prune_attention_by_gqa_groups(layer, lp.keep_kv_groups, adapter, allow_removal=True)
+        if fix is not None and compensation == "lstsq":  # the refit kept columns
+            _apply_correction_(o, fix, compensation)
     if cut_mlp:
         (down_stats,) = _collect(layer, [down], states, calls, gram)
         keep = torch.as_tensor(sorted(lp.keep_mlp_channels), dtype=torch.long)
