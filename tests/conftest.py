@@ -71,6 +71,39 @@ def tiny_model(kind: str = "llama4", seed: int = 0, **overrides):
     return model.eval()
 
 
+def prune_unevenly_(model):
+    """Different KV-group counts and MLP widths per layer (layer i keeps every (i+1)-th channel).
+
+    Returns:
+        The applied PruningPlan.
+    """
+    from gqa_prune.models.adapters import get_adapter
+    from gqa_prune.plan import LayerPlan, PruningPlan
+    from gqa_prune.slicing import apply_plan_
+
+    geom = get_adapter(model).geometry(model)
+    n_kv = geom.kv_heads[0]
+    plan = PruningPlan(
+        tuple(
+            LayerPlan(i, tuple(range(i % n_kv, n_kv)), tuple(range(0, 96, i + 1)))
+            for i in range(geom.num_layers)
+        ),
+        geom.queries_per_kv,
+        geom.head_dim,
+    )
+    apply_plan_(model, plan)
+    return plan
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: on a busy 2-core machine, intra-op threads only add waiting (10-100x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 KINDS = ["llama4", "llama3", "mha", "qwen2", "mistral", "qwen3"]
 
 

@@ -8,32 +8,14 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from gqa_prune.errors import GQAPruneError
-from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.checkpoint import load_pruned, save_pruned
-from gqa_prune.plan import LayerPlan, PruningPlan
-from gqa_prune.slicing import apply_plan_
 
-from conftest import tiny_model
-
-
-def uneven_prune_(model) -> PruningPlan:
-    geom = get_adapter(model).geometry(model)
-    n_kv = geom.kv_heads[0]
-    plan = PruningPlan(
-        tuple(
-            LayerPlan(i, tuple(range(i % n_kv, n_kv)), tuple(range(0, 96, i + 1)))
-            for i in range(geom.num_layers)
-        ),
-        geom.queries_per_kv,
-        geom.head_dim,
-    )
-    apply_plan_(model, plan)
-    return plan
+from conftest import prune_unevenly_, tiny_model
 
 
 def test_save_then_reload_both_ways(kind, batch, tmp_path):
     model = tiny_model(kind)
-    uneven_prune_(model)
+    prune_unevenly_(model)
     with torch.no_grad():
         expected = model(input_ids=batch).logits
     out = save_pruned(model, None, tmp_path / "ckpt")

@@ -22,14 +22,7 @@ from gqa_prune.slicing import apply_plan_
 
 from conftest import tiny_args, tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: on a busy 2-core machine, intra-op threads only add waiting (100x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

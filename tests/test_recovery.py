@@ -11,9 +11,7 @@ from transformers import TrainerCallback
 
 from gqa_prune.cli import main
 from gqa_prune.errors import GQAPruneError
-from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.checkpoint import load_pruned, save_pruned
-from gqa_prune.plan import LayerPlan, PruningPlan
 from gqa_prune.recovery import (
     FinetuneConfig,
     PackedDataset,
@@ -25,33 +23,10 @@ from gqa_prune.recovery import (
     pack_tokens,
     teacher_targets,
 )
-from gqa_prune.slicing import apply_plan_
 
-from conftest import tiny_args, tiny_model
+from conftest import prune_unevenly_, tiny_args, tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: on a busy 2-core machine, intra-op threads only add waiting (10-100x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def prune_unevenly_(model) -> None:
-    """Different KV-group counts and MLP widths per layer, so adapters see pruned shapes."""
-    geom = get_adapter(model).geometry(model)
-    n_kv = geom.kv_heads[0]
-    plan = PruningPlan(
-        tuple(
-            LayerPlan(i, tuple(range(i % n_kv, n_kv)), tuple(range(0, 96, i + 1)))
-            for i in range(geom.num_layers)
-        ),
-        geom.queries_per_kv,
-        geom.head_dim,
-    )
-    apply_plan_(model, plan)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
