@@ -145,10 +145,10 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict[
     undo = []
     if streamer is None:
         undo.append(timer.wrap(dense_pipeline, "compute_unit_scores", "scores"))
-        undo.append(timer.wrap(dense_pipeline, "apply_plan_sequential_", "compensation"))
+        undo.append(timer.wrap(dense_pipeline, "prune_sequential_", "compensation"))
     else:
         undo.append(timer.wrap(stream_pipeline, "streaming_unit_scores", "scores"))
-        undo.append(timer.wrap(stream_pipeline, "streaming_apply_plan_", "compensation"))
+        undo.append(timer.wrap(stream_pipeline, "streaming_prune_sequential_", "compensation"))
     try:
         with timer.step("layer_importance"):
             if args.li_method == "none":

@@ -12,8 +12,11 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
 )
@@ -23,8 +26,21 @@ CONFIGS = {
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
+    "gemma2": Gemma2Config,
+    "gemma3_text": Gemma3TextConfig,
+    "phi3": Phi3Config,
 }
+# Gemma: head_dim != hidden/heads, a sliding window (6) shorter than the tests' sequences and
+# sliding/full layers mixed (Gemma 3: 5 of 6 sliding; Gemma 2: alternating)
+_GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6)
+_SLIDING = ["sliding_attention", "full_attention", "sliding_attention"]
+# Phi-3: fused qkv_proj / gate_up_proj; Phi3Config's default pad/eos ids exceed the tiny vocab
+_PHI3 = dict(num_attention_heads=6, num_key_value_heads=2, pad_token_id=None, eos_token_id=2)
 HEADS = {  # kind -> (family, heads settings)
+    # Phi-4-mini style: partial rotary (only the first half of each head rotated)
+    "phi3": ("phi3", dict(partial_rotary_factor=0.5, **_PHI3)),
+    # Phi-3 style: full rotary; Phi-4-mini's tied embeddings (not in KINDS: test_fused_phi3.py)
+    "phi3_tied": ("phi3", dict(tie_word_embeddings=True, **_PHI3)),
     "llama4": ("llama", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8)),
     "llama3": ("llama", dict(num_attention_heads=6, num_key_value_heads=2, head_dim=8)),
     "mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4)),
@@ -35,6 +51,35 @@ HEADS = {  # kind -> (family, heads settings)
         dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=10),
     ),
     "qwen3": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+    # Gemma-3-4B/12B/27B style: 2+ KV heads, q/k norms, sandwich norms
+    "gemma3": (
+        "gemma3_text",
+        dict(num_attention_heads=4, num_key_value_heads=2, layer_types=_SLIDING, **_GEMMA),
+    ),
+    # Gemma-3-270M/1B style: ONE KV head, so attention can only be kept whole or removed
+    # (not in KINDS: the per-kind tests remove single groups; see test_families.py)
+    "gemma3_1kv": (
+        "gemma3_text",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            layer_types=_SLIDING,
+            tie_word_embeddings=True,
+            **_GEMMA,
+        ),
+    ),
+    # soft-capping small enough to act on tiny random logits
+    "gemma2": (
+        "gemma2",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=_SLIDING,
+            attn_logit_softcapping=0.5,
+            final_logit_softcapping=0.3,
+            **_GEMMA,
+        ),
+    ),
 }
 
 
@@ -42,7 +87,8 @@ def tiny_config(kind: str = "llama4", **overrides):
     """Tiny decoder configs of every supported family.
 
     Llama with Q:KV 4:1, 3:1 and 1:1 (MHA, as Llama-2), Qwen2 with q/k/v biases, Mistral with
-    a sliding window, Qwen3 with per-head q_norm/k_norm and head_dim != hidden/heads.
+    a sliding window, Qwen3 with per-head q_norm/k_norm and head_dim != hidden/heads, Gemma 3
+    (2 KV heads, and 1 as in the 270M) and Gemma 2 with soft-capping.
     """
     family, heads = HEADS[kind]
     values = dict(
@@ -52,9 +98,12 @@ def tiny_config(kind: str = "llama4", **overrides):
         num_hidden_layers=3,
         max_position_embeddings=256,
         tie_word_embeddings=False,
-        **heads,
     )
+    values.update(heads)
     values.update(overrides)
+    if "layer_types" in heads and "layer_types" not in overrides:  # one per layer, cycled
+        n, types = values["num_hidden_layers"], heads["layer_types"]
+        values["layer_types"] = [types[i % len(types)] for i in range(n)]
     return CONFIGS[family](**values)
 
 
@@ -104,7 +153,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-KINDS = ["llama4", "llama3", "mha", "qwen2", "mistral", "qwen3"]
+KINDS = ["llama4", "llama3", "mha", "qwen2", "mistral", "qwen3", "gemma3", "gemma2", "phi3"]
 
 
 @pytest.fixture(params=KINDS)

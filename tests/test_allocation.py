@@ -18,7 +18,7 @@ from gqa_prune.allocation import (
     allocate,
     allocate_global,
 )
-from gqa_prune.allocation_solver import exact_fit, grid_of
+from gqa_prune.allocation.solver import exact_fit, grid_of
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.models.geometry import GQAGeometry
 
@@ -26,9 +26,18 @@ TOL = 0.005
 
 
 def make_geometry(
-    layers: int, hidden: int, head_dim: int, r: int, kv, inter, extra: int, bias: bool = False
+    layers: int,
+    hidden: int,
+    head_dim: int,
+    r: int,
+    kv,
+    inter,
+    extra: int,
+    bias: bool = False,
+    embedding: int = 0,
 ) -> GQAGeometry:
-    """A geometry whose total is its prunable params plus ``extra`` (embeddings, norms)."""
+    """A geometry whose total is its prunable params plus ``extra`` (embeddings, norms), of
+    which ``embedding`` are embedding parameters."""
     kv = (kv,) * layers if isinstance(kv, int) else tuple(kv)
     inter = (inter,) * layers if isinstance(inter, int) else tuple(inter)
     geo = GQAGeometry(
@@ -44,6 +53,7 @@ def make_geometry(
         attention_bias=bias,
         mlp_bias=bias,
         total_params=geo.prunable_params + extra,
+        embedding_params=embedding,
     )
 
 
@@ -96,7 +106,12 @@ def check_allocation(alloc: Allocation, imp, geo: GQAGeometry, cfg: AllocationCo
     """Target, accounting, untouched layers, floors, grid and rate bounds."""
     assert abs(alloc.achieved_ratio - cfg.pruning_ratio) <= TOL + 1e-12
     assert alloc.params_removed == sum(removed_of(geo, la) for la in alloc.layers)
-    assert alloc.achieved_ratio == pytest.approx(alloc.params_removed / geo.total_params)
+    base = geo.basis_params(cfg.pruning_ratio_basis)
+    assert alloc.achieved_ratio == pytest.approx(alloc.params_removed / base)
+    assert alloc.ratio_of_total == pytest.approx(alloc.params_removed / geo.total_params)
+    assert alloc.ratio_of_non_embedding == pytest.approx(
+        alloc.params_removed / (geo.total_params - geo.embedding_params)
+    )
     prunable = set(prunable_layers(imp, geo, cfg))
     for la in alloc.layers:
         assert (la.kv_heads_before, la.channels_before) == (
@@ -331,6 +346,7 @@ def geometries(draw):
     else:
         kv = draw(st.lists(st.integers(1, 4), min_size=layers, max_size=layers))
         inter = draw(st.lists(st.integers(4, 160), min_size=layers, max_size=layers))
+    extra = draw(st.integers(0, 300)) * hidden
     return make_geometry(
         layers,
         hidden,
@@ -338,8 +354,9 @@ def geometries(draw):
         r,
         kv,
         inter,
-        extra=draw(st.integers(0, 300)) * hidden,
+        extra=extra,
         bias=draw(st.booleans()),
+        embedding=int(draw(st.sampled_from([0.0, 0.5, 1.0])) * extra),
     )
 
 
@@ -356,8 +373,12 @@ def cases(draw):
     lo = draw(st.sampled_from([0.0, 0.0, 0.05, 0.2]))
     hi = draw(st.sampled_from([1.0, 1.0, 0.8, 0.5, 0.3]).filter(lambda h: h >= lo))
     lo_layer = start or 0
-    share = sum(layer_size(geo, i) for i in range(lo_layer, lo_layer + in_range)) / geo.total_params
+    basis = draw(st.sampled_from(["total", "non_embedding"]))
+    share = sum(layer_size(geo, i) for i in range(lo_layer, lo_layer + in_range)) / (
+        geo.basis_params(basis)
+    )
     cfg = AllocationConfig(
+        pruning_ratio_basis=basis,
         pruning_ratio=min(0.99, max(0.001, draw(st.floats(0.02, 0.95)) * share)),
         strategy=draw(st.sampled_from(["inverse", "proportional", "uniform"])),
         alpha=draw(st.sampled_from([0.0, 1.0, 3.0])),
@@ -396,7 +417,8 @@ def test_target_met_or_infeasibility_explained(case):
     imp, geo, cfg = case
     prunable = prunable_layers(imp, geo, cfg)
     windows = [reachable(geo, cfg, i) for i in prunable]
-    target, tol = cfg.pruning_ratio * geo.total_params, TOL * geo.total_params
+    base = geo.basis_params(cfg.pruning_ratio_basis)
+    target, tol = cfg.pruning_ratio * base, TOL * base
     try:
         alloc = allocate(imp, geo, cfg)
     except GQAPruneError as err:
@@ -538,3 +560,198 @@ def test_config_validation(kwargs, name):
 def test_freeze_every_layer_is_rejected():
     with pytest.raises(GQAPruneError, match="freeze_top_n_layers=4"):
         allocate([1, 2, 3, 4], TINY, AllocationConfig(0.2, freeze_top_n_layers=4))
+
+
+# --------------------------------------------------------------------------- ratio basis
+# Tiny random models whose embeddings are most of the parameters, as in Gemma-3-270M (the
+# tied embedding is 168 M of 268 M): 25 % of all parameters would be most of the body.
+BIG_VOCAB = 8192
+
+
+def big_vocab_model(tied: bool):
+    from conftest import tiny_model
+
+    return tiny_model("llama4", vocab_size=BIG_VOCAB, num_hidden_layers=4, tie_word_embeddings=tied)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def big_vocab(request):
+    from gqa_prune.models.adapters import get_adapter
+
+    model = big_vocab_model(request.param)
+    return model, get_adapter(model).geometry(model)
+
+
+def test_geometry_counts_embeddings_once_and_the_body_apart(big_vocab):
+    model, geo = big_vocab
+    hidden, tied = model.config.hidden_size, model.config.tie_word_embeddings
+    assert geo.total_params == sum(p.numel() for p in model.parameters())
+    assert geo.embedding_params == (1 if tied else 2) * BIG_VOCAB * hidden
+    # the body, counted from the modules it consists of (decoder layers + final norm)
+    body = sum(p.numel() for p in model.model.layers.parameters())
+    body += sum(p.numel() for p in model.model.norm.parameters())
+    assert geo.non_embedding_params == body == geo.basis_params("non_embedding")
+    assert geo.basis_params("total") == geo.total_params
+    assert geo.embedding_params > 0.8 * geo.total_params  # embeddings dominate, as in Gemma
+    with pytest.raises(GQAPruneError, match="total or non_embedding"):
+        geo.basis_params("body")
+
+
+def _unit_scores(geo: GQAGeometry, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [rng.random(k) for k in geo.kv_heads], [rng.random(c) for c in geo.intermediate_sizes]
+
+
+@pytest.mark.parametrize("mode", ["layer", "global"])
+@pytest.mark.parametrize(
+    "basis, ratio",
+    [("total", 0.03), ("total", 0.06), ("non_embedding", 0.25), ("non_embedding", 0.6)],
+)
+def test_exact_target_on_each_basis(big_vocab, mode, basis, ratio):
+    _, geo = big_vocab
+    imp = np.random.default_rng(0).random(geo.num_layers)
+    cfg = AllocationConfig(ratio, pruning_ratio_basis=basis, alpha=2.0, distribution=(1, 9))
+    if mode == "layer":
+        alloc = allocate(imp, geo, cfg)
+    else:
+        alloc = allocate_global(*_unit_scores(geo), geo, cfg, importance=imp)
+    check_allocation(alloc, imp, geo, cfg)
+    base = geo.total_params if basis == "total" else geo.total_params - geo.embedding_params
+    assert abs(alloc.params_removed - ratio * base) <= TOL * base
+    assert alloc.pruning_ratio_basis == basis and alloc.target_ratio == ratio
+    # both rates are reported whatever the basis
+    assert alloc.ratio_of_total == alloc.params_removed / geo.total_params
+    assert alloc.ratio_of_non_embedding == alloc.params_removed / geo.non_embedding_params
+
+
+def test_same_ratio_means_more_removed_on_the_total_basis(big_vocab):
+    """Sanity of the two meanings: 5 % of all parameters is several times 5 % of the body."""
+    _, geo = big_vocab
+    imp = np.ones(geo.num_layers)
+    total = allocate(imp, geo, AllocationConfig(0.05, pruning_ratio_basis="total"))
+    body = allocate(imp, geo, AllocationConfig(0.05, pruning_ratio_basis="non_embedding"))
+    assert total.params_removed > 3 * body.params_removed
+
+
+def _most_removable(geo: GQAGeometry) -> int:
+    """Every layer keeps 1 KV group and 1 MLP channel (the default floors)."""
+    return sum(
+        (kv - 1) * geo.params_per_group + (inter - 1) * geo.params_per_channel
+        for kv, inter in zip(geo.kv_heads, geo.intermediate_sizes)
+    )
+
+
+@pytest.mark.parametrize("mode", ["layer", "global"])
+@pytest.mark.parametrize(
+    "basis, what", [("non_embedding", "non-embedding parameters"), ("total", "parameters")]
+)
+def test_unreachable_target_names_the_largest_ratio_on_its_basis(big_vocab, mode, basis, what):
+    _, geo = big_vocab
+    base = geo.total_params - (geo.embedding_params if basis == "non_embedding" else 0)
+    most = _most_removable(geo) / base
+    cfg = AllocationConfig(min(0.99, most + 0.02), pruning_ratio_basis=basis)
+    with pytest.raises(GQAPruneError, match="out of reach") as err:
+        if mode == "layer":
+            allocate(np.ones(geo.num_layers), geo, cfg)
+        else:
+            allocate_global(*_unit_scores(geo), geo, cfg)
+    message = str(err.value)
+    assert f"at most {most:.2%} of the {what}" in message, message
+    assert ("--pruning_ratio_basis non_embedding" in message) == (basis == "non_embedding")
+    # just inside the largest ratio (minus the tolerance) is reachable on the same basis
+    ok = AllocationConfig(most - 0.004, pruning_ratio_basis=basis)
+    check_allocation(allocate(np.ones(geo.num_layers), geo, ok), np.ones(geo.num_layers), geo, ok)
+
+
+def test_basis_is_validated_and_round_trips():
+    with pytest.raises(GQAPruneError, match="--pruning_ratio_basis="):
+        AllocationConfig(0.2, pruning_ratio_basis="body")  # type: ignore[arg-type]
+    geo = make_geometry(4, 32, 8, 2, 2, 64, extra=2 * 100 * 32, embedding=100 * 32)
+    cfg = AllocationConfig(0.3, pruning_ratio_basis="non_embedding")
+    alloc = allocate(np.arange(4.0), geo, cfg)
+    again = Allocation.from_dict(json.loads(json.dumps(alloc.to_dict())))
+    assert again == alloc and again.pruning_ratio_basis == "non_embedding"
+    old = {
+        k: v
+        for k, v in alloc.to_dict().items()
+        if k not in ("pruning_ratio_basis", "non_embedding_params")
+    }
+    assert Allocation.from_dict(old).pruning_ratio_basis == "total"  # saved before the basis
+    bad = make_geometry(4, 32, 8, 2, 2, 64, extra=0, embedding=10**9)
+    with pytest.raises(GQAPruneError, match="embedding_params"):
+        allocate(np.arange(4.0), bad, cfg)
+
+
+def test_summary_console_and_report_show_both_rates(tmp_path, capsys):
+    """A run with --pruning_ratio_basis non_embedding on a big-vocabulary model."""
+    import re
+
+    from gqa_prune.cli import main
+
+    from conftest import ENGLISH, char_tokenizer, tiny_args
+
+    model_dir = tmp_path / "model"
+    big_vocab_model(tied=True).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "data"
+    for folder, name, text in (
+        ("wikitext-2-raw", "wiki.test.raw", ENGLISH * 20),
+        ("wikitext-2", "valid.txt", ENGLISH[::-1] * 20),
+    ):
+        (data / folder).mkdir(parents=True)
+        (data / folder / name).write_text(text)
+    run = {"model": str(model_dir), "data": str(data), "logs": tmp_path / "logs"}
+
+    def prune(name: str, ratio: str, *extra: str) -> dict:
+        argv = tiny_args(run, "--prune_mlp", "--compensation", "none", "--pruning_ratio", ratio)
+        assert main([*argv, "--save_ckpt_log_name", name, *extra]) == 0
+        return json.loads((run["logs"] / name / "summary.json").read_text())
+
+    summary = prune("b", "0.3", "--pruning_ratio_basis", "non_embedding")
+    out = capsys.readouterr().out
+    removed = summary["params_before"] - summary["params_after"]
+    body = summary["params_before"] - summary["embedding_params"]
+    assert summary["pruning_ratio_basis"] == "non_embedding" and summary["target_ratio"] == 0.3
+    assert summary["non_embedding_params_before"] == body
+    assert (
+        summary["non_embedding_params_after"]
+        == summary["params_after"] - summary["embedding_params"]
+    )
+    assert abs(summary["actual_ratio_non_embedding"] - 0.3) <= TOL
+    assert summary["actual_ratio_non_embedding"] == pytest.approx(removed / body)
+    assert summary["actual_ratio_total"] == pytest.approx(removed / summary["params_before"])
+    assert summary["actual_ratio_total"] < 0.1  # the embeddings are most of this model
+    pct = f"{100 * summary['actual_ratio_non_embedding']:.2f}%"
+    assert re.search(rf"removed \(non-embedding\)\s+{re.escape(pct)} \(target 30\.00%\)", out), out
+    assert re.search(rf"removed \(total\)\s+{100 * summary['actual_ratio_total']:.2f}%\n", out), out
+    page = (run["logs"] / "b" / "report.html").read_text()
+    assert "removed (non-embedding)" in page and "removed (total)" in page
+    # the default basis is total, and the summary still shows both rates
+    summary = prune("t", "0.05")
+    assert summary["pruning_ratio_basis"] == "total"
+    assert abs(summary["actual_ratio_total"] - 0.05) <= TOL
+    removed = summary["params_before"] - summary["params_after"]
+    body = summary["params_before"] - summary["embedding_params"]
+    assert summary["actual_ratio_non_embedding"] == pytest.approx(removed / body)
+    assert summary["actual_ratio_non_embedding"] > 3 * summary["actual_ratio_total"]
+
+
+def test_allocation_modules_import_one_way():
+    """config <- result <- target <- solver <- greedy <- layer/global_mode <- __init__."""
+    import ast
+    from pathlib import Path
+
+    import gqa_prune.allocation as package
+
+    order = ["config", "result", "target", "solver", "greedy", "layer", "global_mode"]
+    folder = Path(package.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py")) == sorted([*order, "__init__"])
+    for k, name in enumerate(order):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {
+            node.module.rsplit(".", 1)[-1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("gqa_prune.allocation.")
+        }
+        assert imported <= set(order[:k]), (name, imported)

@@ -47,6 +47,8 @@ def plan_removing(model, removed_layer: int, mlp_step: int = 1) -> PruningPlan:
         ("mistral", {}),
         ("qwen3", {}),
         ("llama3", {"attention_bias": True}),
+        ("gemma3", {}),  # the zero output still goes through post_attention_layernorm
+        ("gemma2", {"attention_bias": True}),  # ... and so does the kept o_proj bias
     ],
 )
 def test_removal_equals_zeroing_every_o_proj_column(kind, overrides, batch):
@@ -96,9 +98,10 @@ def test_removed_block_saves_reloads_and_generates(kind, batch, tmp_path):
         assert torch.equal(with_cache, no_cache)
 
 
-def test_removing_layer_zero_keeps_cache_length_right(batch):
+@pytest.mark.parametrize("kind", ["llama4", "gemma3"])  # gemma3: layer 0 slides (window 6)
+def test_removing_layer_zero_keeps_cache_length_right(kind, batch):
     """The cache length is read from layer 0, so layer 0 must record its tokens even headless."""
-    model = tiny_model("llama4")
+    model = tiny_model(kind)
     apply_plan_(model, plan_removing(model, 0))
     # step-by-step decoding with a cache and no position ids (positions come from the cache)
     with torch.no_grad():

@@ -8,6 +8,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from gqa_prune.errors import GQAPruneError
+from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.checkpoint import load_pruned, save_pruned
 
 from conftest import prune_unevenly_, tiny_model
@@ -26,8 +27,10 @@ def test_save_then_reload_both_ways(kind, batch, tmp_path):
         assert len(list(fh.keys())) > 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"].startswith("gqa_pruned_")
+    adapter = get_adapter(model)
     assert cfg["layer_num_key_value_heads"] == [
-        layer.self_attn.k_proj.out_features // cfg["head_dim"] for layer in model.model.layers
+        adapter.attention_projections(layer)[1].out_features // cfg["head_dim"]
+        for layer in model.model.layers
     ]
 
     reloaded, _ = load_pruned(out, device="cpu")

@@ -350,6 +350,116 @@ def test_refuses_what_llama_cpp_cannot_represent(pruned_dir, tmp_path, setup, wo
     assert not (tmp_path / "x.gguf").exists()
 
 
+def _family_folder(tmp_path, model_type):
+    """A tiny dense Gemma 2 / Gemma 3 / Phi-3 folder, or (``gqa_pruned_*``) one pruned to
+    different KV heads and MLP widths per layer and saved with save_pruned."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Phi3Config
+
+    from conftest import prune_unevenly_
+
+    family = model_type.removeprefix("gqa_pruned_")
+    config_cls = {"gemma2": Gemma2Config, "gemma3": Gemma3TextConfig, "phi3": Phi3Config}
+    config = config_cls[family.removesuffix("_text")](
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    folder = tmp_path / model_type
+    if family == model_type:
+        model.save_pretrained(folder)
+    else:
+        prune_unevenly_(model)
+        save_pruned(model, bpe_tokenizer(), folder)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == model_type
+    return folder
+
+
+GEMMA_WHY = "gemma/gemma2/gemma3 graphs builds every layer with layer 0's head counts"
+
+
+@pytest.mark.parametrize(
+    "model_type, words",
+    [
+        ("gemma3_text", GEMMA_WHY),
+        ("gemma2", GEMMA_WHY),
+        ("gqa_pruned_gemma3", GEMMA_WHY),
+        ("gqa_pruned_gemma2", "its per-layer gemma4 graph RMS-normalises V"),
+        ("phi3", "does not split Phi-3's fused qkv_proj / gate_up_proj"),
+        ("gqa_pruned_phi3", "llama.cpp's phi3 graph builds every layer with layer 0's"),
+    ],
+)
+def test_refuses_gemma_and_phi3_naming_the_reason(tmp_path, model_type, words):
+    folder = _family_folder(tmp_path, model_type)
+    with pytest.raises(GQAPruneError, match=words) as exc_info:
+        export_gguf(folder, tmp_path / "x.gguf", "f16")
+    message = str(exc_info.value)
+    assert "\n" not in message and f"'{model_type}'" in message
+    assert "exportable families: llama, mistral, qwen2, qwen3" in message
+    assert not (tmp_path / "x.gguf").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_cli_refuses_gemma_in_one_line(tmp_path, capsys):
+    folder = _family_folder(tmp_path, "gqa_pruned_gemma3")
+    rc = main(["export-gguf", str(folder), str(tmp_path / "g.gguf")])
+    assert_one_error_line(capsys, rc, "cannot be exported to GGUF: llama.cpp's gemma")
+    assert not (tmp_path / "g.gguf").exists()
+
+
+def _truncate_weights(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _shard_and_lose_one(folder):
+    """An index that names two shards, of which only the first is there."""
+    names = list(load_file(folder / "model.safetensors"))
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    weight_map = {name: shards[i % 2] for i, name in enumerate(names)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (_truncate_weights, "/model.safetensors is damaged or truncated"),
+        (_shard_and_lose_one, " is incomplete: model-00002-of-00002.safetensors"),
+        (lambda f: (f / "config.json").write_text("[]"), "/config.json is not a JSON object"),
+        (lambda f: (f / "config.json").write_text("{"), "/config.json is not valid JSON"),
+    ],
+    ids=["truncated", "missing_shard", "config_not_object", "config_not_json"],
+)
+def test_cli_refuses_a_damaged_checkpoint(pruned_dir, tmp_path, capsys, damage, words):
+    damage(pruned_dir)
+    rc = main(["export-gguf", str(pruned_dir), str(tmp_path / "d.gguf")])
+    assert_one_error_line(capsys, rc, f"{pruned_dir}{words}")  # names the damaged path
+    assert not (tmp_path / "d.gguf").exists()
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_check_gguf_takes_the_whole_file_and_refuses_every_cut(pruned_dir, tmp_path, outtype):
+    """The size check is exact: the written file passes, one byte less does not."""
+    from gqa_prune.models.source_checks import check_gguf
+
+    out = export_gguf(pruned_dir, tmp_path / "m.gguf", outtype)
+    assert check_gguf(out)["general.architecture"] == "deci"
+    data = out.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for size in [*range(0, 3000, 41), len(data) // 2, len(data) - 1]:
+        cut.write_bytes(data[:size])
+        with pytest.raises(GQAPruneError, match="cut.gguf is"):
+            check_gguf(cut)
+
+
 def test_cli_writes_and_reports(pruned_dir, tmp_path, capsys):
     out = tmp_path / "cli.gguf"
     assert main(["export-gguf", str(pruned_dir), str(out), "--outtype", "q8_0"]) == 0

@@ -56,7 +56,7 @@ def _channel_parts(mlp, c, fn):
 
 
 # --------------------------------------------------------------------------- all criteria
-@pytest.mark.parametrize("model_kind", ["llama4", "qwen2"])
+@pytest.mark.parametrize("model_kind", ["llama4", "qwen2", "gemma2"])
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_every_criterion_and_aggregation_gives_finite_scores_per_unit(model_kind, criterion):
     model = tiny_model(model_kind)

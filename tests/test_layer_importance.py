@@ -75,7 +75,7 @@ def test_skipping_a_layer_equals_deleting_it(calib):
         assert result.extra["loss_without_layer"][skipped] == pytest.approx(loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama4", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama4", "qwen2", "gemma2", "gemma3"])  # gemma2: soft-caps
 def test_stack_runner_reproduces_model_output(kind, calib):
     model = _model(kind)
     with torch.no_grad():

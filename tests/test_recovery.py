@@ -118,8 +118,9 @@ def test_ce_term_equals_the_models_own_loss(seqs):
 # --------------------------------------------------------------------------- LoRA
 
 
-def test_lora_lowers_the_loss_merges_exactly_and_reloads(seqs, tmp_path):
-    model = tiny_model("llama4")
+@pytest.mark.parametrize("kind", ["llama4", "gemma3"])  # gemma3: q/k and sandwich norms
+def test_lora_lowers_the_loss_merges_exactly_and_reloads(kind, seqs, tmp_path):
+    model = tiny_model(kind)
     prune_unevenly_(model)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     captured = {}

@@ -143,12 +143,15 @@ def summary():
                 },
                 "mean_acc": acc,
                 "mean_acc_norm": acc + 0.01,
+                "mean_score": acc + 0.01,
+                "split": "test",
+                "sources": {"piqa": "local /data/zeroshot/piqa/validation.jsonl"},
                 "num_fewshot": 0,
                 "limit": None,
                 "lm_eval_version": "0.4.13",
                 "requested": ["piqa"],
             }
-            for stage, acc in (("before", 0.7), ("after", 0.6))
+            for stage, acc in (("before", 0.7), ("after", 0.6), ("after_finetune", 0.65))
         },
         "efficiency": {
             label: {
@@ -188,11 +191,11 @@ def test_report_from_an_experiment_folder(tmp_path):
     page = parse(path)
     text = path.read_text()
     assert "<script>" not in text and "&lt;script&gt;" in text and "tiny &lt;model&gt;" in text
-    # embedded images: the strategy plot (as saved) and the importance plot drawn in
-    assert len(page.images) == 2
+    # embedded images: the zero-shot bars, the strategy plot (as saved), the importance plot
+    assert len(page.images) == 3
     assert all(s.startswith("data:image/png;base64,") for s in page.images)
     pngs = [base64.b64decode(s.split(",", 1)[1]) for s in page.images]
-    assert pngs[0] == (tmp_path / "pruning_strategy.png").read_bytes()
+    assert pngs[1] == (tmp_path / "pruning_strategy.png").read_bytes()
     assert all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert page.tables["layers"] == [
         [
@@ -216,8 +219,16 @@ def test_report_from_an_experiment_folder(tmp_path):
         "before acc_norm",
         "after acc",
         "after acc_norm",
+        "after_finetune acc",
+        "after_finetune acc_norm",
+        "after drop acc / acc_norm (pts)",
+        "after_finetune drop acc / acc_norm (pts)",
     ]
-    assert page.tables["zeroshot"][1] == ["piqa", "0.7000", "0.7100", "0.6000", "0.6100"]
+    zs = page.tables["zeroshot"]
+    assert zs[1] == ["piqa", "0.7000", "0.7100", "0.6000", "0.6100", "0.6500", "0.6600",
+                     "+10.0 / +10.0", "+5.0 / +5.0"]  # fmt: skip
+    assert zs[-1][0].startswith("mean (acc_norm") and zs[-1][-2:] == ["+10.0", "+5.0"]
+    assert "test split" in text and "limit None" in text
     eff = {row[0]: row[1:] for row in page.tables["efficiency"]}
     assert eff["decode tokens/s"] == ["50.0", "100.0", "2.000x"]
     assert eff["parameters"][:2] == ["60,000", "51,000"]
@@ -297,6 +308,27 @@ def test_a_full_run_writes_the_report(tiny_run, monkeypatch):
         assert row[1].split(" \u2192 ")[-1] == str(kv * r)
         assert row[3].split(" \u2192 ")[-1] == str(mlp)
     zs = page.tables["zeroshot"]
-    assert zs[1][0] == "tiny_mc" and zs[-1][0] == "mean"
+    assert zs[1][0] == "tiny_mc" and zs[-2][0] == "mean"
+    assert summary["zeroshot_drop"]["after"]["tasks"]["tiny_mc"]["acc"] == pytest.approx(
+        summary["zeroshot"]["before"]["tasks"]["tiny_mc"]["acc"]
+        - summary["zeroshot"]["after"]["tasks"]["tiny_mc"]["acc"]
+    )
+    assert len(page.images) >= 3  # + the zero-shot bars
     assert zs[1][1] == f"{summary['zeroshot']['before']['tasks']['tiny_mc']['acc']:.4f}"
     assert "prefill tokens/s" in {row[0] for row in page.tables["efficiency"]}
+
+
+def test_zeroshot_bars_are_the_summary_scores():
+    from gqa_prune.reporting.zeroshot_plots import bar_values
+
+    zs = summary()["zeroshot"]
+    zs["before"]["tasks"]["boolq"] = dict(zs["before"]["tasks"]["piqa"], acc=0.5, acc_norm=None)
+    zs["before"]["requested"] = ["piqa", "boolq"]
+    labels, values = bar_values(zs)
+    assert labels == ["piqa", "boolq", "mean"]
+    assert values["dense"] == [0.71, 0.5, 0.71]  # acc_norm, else acc; then mean_score
+    assert values["pruned"] == [0.61, None, 0.61] and list(values) == [
+        "dense",
+        "pruned",
+        "recovered",
+    ]

@@ -12,14 +12,14 @@ from gqa_prune.cli import main
 from gqa_prune.data import sample_calibration, tokenize_text
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.perplexity import evaluate_perplexity
-from gqa_prune.evaluation.search import (
+from gqa_prune.pipeline import prune_model_
+from gqa_prune.reporting.search_plots import format_search_table
+from gqa_prune.search import (
     SearchConfig,
     parse_distributions,
     search_distributions,
     split_validation,
 )
-from gqa_prune.pipeline import prune_model_
-from gqa_prune.reporting.search_plots import format_search_table
 
 from conftest import ENGLISH, char_tokenizer, tiny_args, tiny_model
 
@@ -156,4 +156,82 @@ def test_search_command_writes_table_json_and_plot(tiny_run, capsys):
 def test_search_command_bad_input(tiny_run, capsys, extra, words):
     assert main(search_args(tiny_run, *extra)) == 2
     assert_one_error_line(capsys, 2, words)
+    assert not (tiny_run["logs"] / "s").exists()
+
+
+def test_rank_by_zeroshot_uses_only_validation_files(tmp_path, monkeypatch):
+    """Each candidate's score equals evaluating that split's pruned model directly on the
+    validation files; the best is the highest; the test files are never read."""
+    from test_zeroshot import write_suite
+
+    from gqa_prune.evaluation.zeroshot import evaluate_zeroshot
+
+    folder = write_suite(tmp_path / "zs")
+    for task in ("arc_easy", "arc_challenge", "openbookqa"):  # reading these would fail
+        (folder / task / "test.jsonl").write_text('{"broken": true}\n')
+    model, tok = tiny_model("llama4", seed=5), char_tokenizer()
+    splits = ((0.0, 10.0), (6.0, 4.0))
+    config = SearchConfig(
+        distributions=splits,
+        allocation=AllocationConfig(pruning_ratio=0.25, alpha=2.0),
+        layer_importance_samples=2,
+        criterion="magnitude",
+        calibration_samples=2,
+        seq_len=32,
+        batch_size=2,
+        validation_fraction=0.2,
+        eval_seq_len=32,
+        eval_max_windows=2,
+        compensation="none",
+        seed=3,
+        rank_by="zeroshot",
+        zeroshot_data_dir=str(folder),
+    )
+    result = search_distributions(model, tok, TEXT, config, progress=False)
+    assert result.rank_by == "zeroshot"
+    assert result.zeroshot_validation["split"] == "validation"
+    assert result.zeroshot_validation["tasks"] == ["arc_easy", "arc_challenge", "openbookqa"]
+    assert all(f.endswith("validation.jsonl") for f in result.zeroshot_validation["files"].values())
+    calib_tokens, _ = split_validation(tokenize_text(tok, TEXT), 0.2)
+    calibration = sample_calibration(calib_tokens, 2, 32, seed=3)
+    direct = []
+    for dist in splits:
+        copy_ = copy.deepcopy(model)
+        prune_model_(
+            copy_,
+            calibration,
+            AllocationConfig(pruning_ratio=0.25, alpha=2.0, distribution=dist),
+            layer_importance=result.layer_importance,
+            criterion="magnitude",
+            batch_size=2,
+            seed=3,
+            progress=False,
+        )
+        zs = evaluate_zeroshot(
+            copy_, tok, "zeroshot6", split="validation", zeroshot_data_dir=folder
+        )
+        direct.append(zs.mean_score)
+    assert [c.zeroshot for c in result.candidates] == pytest.approx(direct)
+    assert result.dense_zeroshot == pytest.approx(
+        evaluate_zeroshot(
+            model, tok, "zeroshot6", split="validation", zeroshot_data_dir=folder
+        ).mean_score
+    )
+    best = max(range(len(direct)), key=lambda i: (direct[i], -result.candidates[i].ppl))
+    assert result.best == best
+    table = format_search_table(result)
+    assert "val zero-shot" in table and "VALIDATION split" in table
+
+
+def test_search_command_rank_by_zeroshot_missing_file(tiny_run, capsys, tmp_path):
+    from test_zeroshot import write_suite
+
+    folder = write_suite(tmp_path / "zs", splits=("test",))  # no validation files
+    rc = main(
+        search_args(
+            tiny_run, "--distributions", "0:10,4:6", "--rank_by", "zeroshot",
+            "--zeroshot_data_dir", str(folder),
+        )
+    )  # fmt: skip
+    assert_one_error_line(capsys, rc, str(folder / "arc_easy" / "validation.jsonl"))
     assert not (tiny_run["logs"] / "s").exists()

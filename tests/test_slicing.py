@@ -35,7 +35,8 @@ def test_removing_a_group_equals_zeroing_it(kind, batch):
     drop = n_kv - 1
     zero_group_outputs_(model, 1, drop)
     expected = logits(model, batch)
-    prune_attention_by_gqa_groups(model.model.layers[1], [g for g in range(n_kv) if g != drop])
+    keep = [g for g in range(n_kv) if g != drop]
+    prune_attention_by_gqa_groups(model.model.layers[1], keep, get_adapter(model))
     torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -53,7 +54,7 @@ def test_removing_mlp_channels_equals_zeroing_down_columns(kind, batch):
     zero_channel_outputs_(model, 2, drop)
     expected = logits(model, batch)
     keep = [c for c in range(model.config.intermediate_size) if c not in drop]
-    prune_mlp_channels(model.model.layers[2], keep)
+    prune_mlp_channels(model.model.layers[2], keep, get_adapter(model))
     torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -90,12 +91,14 @@ def test_plan_keeps_ratio_shapes_and_counts(kind, batch):
     )
     after = apply_plan_(model, plan)
     r = geom.queries_per_kv
+    adapter = get_adapter(model)
     for i, lp in enumerate(plan.layers):
-        attn = model.model.layers[i].self_attn
+        q, k, _, _ = adapter.attention_projections(model.model.layers[i])
         assert after.kv_heads[i] == len(lp.keep_kv_groups)
-        assert attn.q_proj.out_features == len(lp.keep_kv_groups) * r * geom.head_dim
-        assert attn.q_proj.out_features // attn.k_proj.out_features == r
-        assert model.model.layers[i].mlp.down_proj.in_features == len(lp.keep_mlp_channels)
+        assert q.out_features == len(lp.keep_kv_groups) * r * geom.head_dim
+        assert q.out_features // k.out_features == r
+        down = adapter.mlp_projections(model.model.layers[i])[2]
+        assert down.in_features == len(lp.keep_mlp_channels)
     removed = geom.total_params - after.total_params
     expected_removed = sum(
         (kv - len(lp.keep_kv_groups)) * geom.params_per_group

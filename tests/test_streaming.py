@@ -134,26 +134,43 @@ def test_streaming_config_convenience_returns_a_whole_model_on_cpu(tmp_path):
     assert torch.isfinite(dense(IDS[:1]).logits).all()
 
 
-def test_offloaded_loading_equals_ordinary_loading(tmp_path):
-    folder = save_tiny_model_dir(tmp_path / "m", tie_word_embeddings=True)
-    dense = tiny_model(tie_word_embeddings=True)
+@pytest.mark.parametrize("kind", ["llama4", "gemma3"])  # gemma3: scaled embeddings, buffers
+def test_offloaded_loading_equals_ordinary_loading(tmp_path, kind):
+    folder = save_tiny_model_dir(tmp_path / "m", kind, tie_word_embeddings=True)
+    dense = tiny_model(kind, tie_word_embeddings=True)
     model, tok, streamer = load_model_offloaded(
         str(folder), "float32", StreamingConfig(device="cpu", offload_dir=str(tmp_path / "o"))
     )
     assert tok is not None
     assert all(p.is_meta for p in streamer.layers.parameters())
     assert len(list(streamer.store.path.glob("layer_*.safetensors"))) == 3
-    expected = compute_layer_importance(dense, IDS, "activation", progress=False)
-    got = streaming_layer_importance(streamer, IDS, "activation", progress=False)
+    expected = compute_layer_importance(dense, IDS, "removal", progress=False)
+    got = streaming_layer_importance(streamer, IDS, "removal", progress=False)
     torch.testing.assert_close(torch.tensor(got.scores), torch.tensor(expected.scores))
 
 
-def test_mixed_layer_types_are_refused():
-    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
-    if len(set(getattr(model.config, "layer_types", []) or [])) < 2:
-        pytest.skip("this transformers version has no per-layer types")
-    with pytest.raises(GQAPruneError, match="mixes layer types"):
-        LayerStreamer(model, StreamingConfig(device="cpu"))
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2"])
+def test_mixed_layer_types_stream_like_in_memory(kind, tmp_path):
+    """Sliding and full layers each replay their own mask and rotary tables (window 6 < 16)."""
+    dense = tiny_model(kind, num_hidden_layers=4)
+    assert len(set(dense.config.layer_types)) == 2
+    streamer = LayerStreamer(
+        copy.deepcopy(dense), StreamingConfig(device="cpu", offload_dir=str(tmp_path / "o"))
+    )
+    expected = compute_layer_importance(dense, IDS, "removal", batch_size=2, progress=False)
+    got = streaming_layer_importance(streamer, IDS, "removal", batch_size=2, progress=False)
+    torch.testing.assert_close(torch.tensor(got.scores), torch.tensor(expected.scores))
+    config = AllocationConfig(pruning_ratio=0.3, prune_mlp=True, distribution=(3, 7))
+    kwargs = dict(layer_importance=expected.scores, batch_size=2, progress=False)
+    want = prune_model_(dense, IDS, config, compensation="lstsq", **kwargs)
+    out = prune_model_(
+        streamer.model, IDS, config, streaming=streamer, compensation="lstsq", **kwargs
+    )
+    assert out.plan == want.plan
+    tokens = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(5))
+    ppl_stream = streaming_perplexity(streamer, tokens, seq_len=32, batch_size=2, progress=False)
+    ppl_dense = evaluate_perplexity(dense, tokens, seq_len=32, batch_size=2, progress=False)
+    assert ppl_stream.ppl == pytest.approx(ppl_dense.ppl, rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -3,25 +3,27 @@
 import torch
 
 from gqa_prune.importance.taylor import collect_taylor_scores
+from gqa_prune.models.adapters import get_adapter
 
 from conftest import tiny_model
 
 
-def manual_group_scores(attn, r, d):
+def manual_group_scores(projections, r, d):
     """|w*g| summed over each group's q rows, k rows, v rows (+biases) and o columns."""
 
     def s(p):
         return (p.detach() * p.grad).abs()
 
-    n_kv = attn.k_proj.out_features // d
+    q, k, v, o = projections
+    n_kv = k.out_features // d
     out = []
     for g in range(n_kv):
         q_rows, kv_rows = slice(g * r * d, (g + 1) * r * d), slice(g * d, (g + 1) * d)
-        total = s(attn.q_proj.weight)[q_rows].sum() + s(attn.k_proj.weight)[kv_rows].sum()
-        total += s(attn.v_proj.weight)[kv_rows].sum() + s(attn.o_proj.weight)[:, q_rows].sum()
-        if attn.q_proj.bias is not None:
-            total += s(attn.q_proj.bias)[q_rows].sum() + s(attn.k_proj.bias)[kv_rows].sum()
-            total += s(attn.v_proj.bias)[kv_rows].sum()
+        total = s(q.weight)[q_rows].sum() + s(k.weight)[kv_rows].sum()
+        total += s(v.weight)[kv_rows].sum() + s(o.weight)[:, q_rows].sum()
+        if q.bias is not None:
+            total += s(q.bias)[q_rows].sum() + s(k.bias)[kv_rows].sum()
+            total += s(v.bias)[kv_rows].sum()
         out.append(total)
     return torch.stack(out)
 
@@ -35,14 +37,16 @@ def test_taylor_matches_manual_sum_over_group_slices(kind):
     for p in model.parameters():
         p.requires_grad_(True)
     model(input_ids=ids, labels=ids).loss.backward()
+    adapter = get_adapter(model)
     attn = model.model.layers[1].self_attn
-    expected = manual_group_scores(attn, attn.num_key_value_groups, attn.head_dim)
+    projections = adapter.attention_projections(model.model.layers[1])
+    expected = manual_group_scores(projections, attn.num_key_value_groups, attn.head_dim)
     torch.testing.assert_close(scores.groups[1], expected, rtol=1e-4, atol=1e-7)
-    mlp = model.model.layers[2].mlp
+    gate, up, down = adapter.mlp_projections(model.model.layers[2])
     ch = (
-        (mlp.gate_proj.weight * mlp.gate_proj.weight.grad).abs().sum(1)
-        + (mlp.up_proj.weight * mlp.up_proj.weight.grad).abs().sum(1)
-        + (mlp.down_proj.weight * mlp.down_proj.weight.grad).abs().sum(0)
+        (gate.weight * gate.weight.grad).abs().sum(1)
+        + (up.weight * up.weight.grad).abs().sum(1)
+        + (down.weight * down.weight.grad).abs().sum(0)
     ).detach()
     torch.testing.assert_close(scores.channels[2], ch, rtol=1e-4, atol=1e-7)
 

@@ -5,6 +5,7 @@ from gqa_prune.config import RunConfig
 from gqa_prune.data import load_text, sample_calibration, tokenize_text
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.perplexity import PerplexityResult, PPLMetric, evaluate_perplexity
+from gqa_prune.evaluation.zeroshot import ZeroShotResult, evaluate_zeroshot
 from gqa_prune.export import export_gguf
 from gqa_prune.importance import (
     UnitScores,
@@ -21,6 +22,7 @@ from gqa_prune.pipeline import build_plan, prune_model_, select_gqa_groups_to_pr
 from gqa_prune.plan import LayerPlan, PruningPlan
 from gqa_prune.recovery import FinetuneConfig, FinetuneResult, finetune_
 from gqa_prune.runner import run_experiment
+from gqa_prune.search import SearchConfig, search_distributions
 from gqa_prune.slicing import apply_plan_, prune_attention_by_gqa_groups, prune_mlp_channels
 from gqa_prune.streaming import LayerStreamer, StreamingConfig
 
@@ -39,8 +41,10 @@ __all__ = [
     "PerplexityResult",
     "PruningPlan",
     "RunConfig",
+    "SearchConfig",
     "StreamingConfig",
     "UnitScores",
+    "ZeroShotResult",
     "allocate",
     "apply_plan_",
     "build_plan",
@@ -49,6 +53,7 @@ __all__ = [
     "compute_mlp_channel_importance",
     "compute_unit_scores",
     "evaluate_perplexity",
+    "evaluate_zeroshot",
     "export_gguf",
     "finetune_",
     "get_adapter",
@@ -60,6 +65,7 @@ __all__ = [
     "prune_model_",
     "run_experiment",
     "sample_calibration",
+    "search_distributions",
     "save_pruned",
     "select_gqa_groups_to_prune",
     "tokenize_text",

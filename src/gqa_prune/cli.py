@@ -17,6 +17,8 @@ from gqa_prune.config import (
     IMPORTANCE_CRITERIA,
     LAYER_IMPORTANCE_METHODS,
     PRUNING_MODES,
+    RATIO_BASES,
+    SELECTIONS,
     STRATEGIES,
     RunConfig,
 )
@@ -39,7 +41,15 @@ def add_allocation_arguments(g: Any, d: RunConfig) -> None:
         "--pruning_ratio",
         type=float,
         default=d.pruning_ratio,
-        help="fraction of TOTAL parameters to remove (embeddings count)",
+        help="fraction of the parameters to remove, counted on --pruning_ratio_basis",
+    )
+    g.add_argument(
+        "--pruning_ratio_basis",
+        default=d.pruning_ratio_basis,
+        choices=RATIO_BASES,
+        help="total: all parameters (embeddings count, the original script's meaning); "
+        "non_embedding: the transformer body (attention, MLP, norms), without the input "
+        "embedding and an untied LM head",
     )
     g.add_argument(
         "--pruning_mode",
@@ -216,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.compensation_damp,
         help="lstsq ridge strength, relative to the mean diagonal of the Gram matrix",
     )
+    g.add_argument(
+        "--selection",
+        default=d.selection,
+        choices=SELECTIONS,
+        help="which units each layer loses (its counts come from the allocation): score = "
+        "lowest importance score; repair = least error left after the lstsq refit "
+        "(greedy structured OBS on the compensation's Gram matrices; needs lstsq)",
+    )
 
     g = p.add_argument_group("5. evaluation")
     g.add_argument("--test_original_ppl", action="store_true", help="perplexity before pruning")
@@ -233,18 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval_tasks",
         default=d.eval_tasks,
         help="lm-evaluation-harness tasks before and after pruning, e.g. "
-        "boolq,piqa,hellaswag (needs pip install 'gqa-prune[eval]')",
+        "boolq,piqa,hellaswag; zeroshot6 = piqa,arc_easy,arc_challenge,boolq,winogrande,"
+        "openbookqa, read from local files when --zeroshot_data_dir or <data_dir>/zeroshot "
+        "exists (needs pip install 'gqa-prune[eval]')",
     )
     g.add_argument(
         "--eval_limit",
         type=_positive_or_none,
         default=d.eval_limit,
-        help="items per zero-shot task (default: all)",
+        help="the first N items of each zero-shot task (default: all)",
     )
     g.add_argument(
         "--eval_include_path",
         default=d.eval_include_path,
         help="folder of extra lm-eval task YAML files (local tasks, offline)",
+    )
+    g.add_argument(
+        "--zeroshot_data_dir",
+        default=d.zeroshot_data_dir,
+        help="folder of <task>/<split>.jsonl files for the standard zero-shot tasks "
+        "(default: <data_dir>/zeroshot if it exists, else the hub)",
     )
     g.add_argument(
         "--measure_speed",
@@ -263,16 +289,24 @@ def config_from_args(argv: Sequence[str] | None = None) -> RunConfig:
     return RunConfig(**values, command=command)
 
 
+def _removed_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """Removed share of all and of the non-embedding parameters; the target on its basis."""
+    basis = summary.get("pruning_ratio_basis", "total")
+    rows = []
+    for key, label in (("total", "removed (total)"), ("non_embedding", "removed (non-embedding)")):
+        value = summary.get(f"actual_ratio_{key}")
+        if value is not None:
+            target = f" (target {100 * summary['target_ratio']:.2f}%)" if key == basis else ""
+            rows.append((label, f"{100 * value:.2f}%{target}"))
+    return rows
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The final console table."""
     rows = [
         ("parameters before", f"{summary['params_before']:,}"),
         ("parameters after", f"{summary['params_after']:,}"),
-        (
-            "removed (total)",
-            f"{100 * summary['actual_ratio_total']:.2f}% "
-            f"(target {100 * summary['target_ratio']:.2f}%)",
-        ),
+        *_removed_rows(summary),
         ("removed (attention+MLP)", f"{100 * summary['actual_ratio_attention_mlp']:.2f}%"),
         (
             "GQA ratio kept in every layer",
@@ -299,15 +333,6 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
         if ft.get("message"):
             rows.append(("fine-tuning stopped", ft["message"]))
-    for key, res in summary.get("zeroshot", {}).items():
-        mean = res["mean_acc"]
-        rows.append(
-            (
-                f"zero-shot {key}",
-                f"mean acc {'n/a' if mean is None else f'{mean:.4f}'} "
-                f"({', '.join(res['requested'])})",
-            )
-        )
     if "efficiency" in summary:
         ratio = summary["efficiency"]["pruned_over_dense"]
         rows.append(
@@ -325,7 +350,13 @@ def format_summary(summary: dict[str, Any]) -> str:
             text += f" (streaming, layers on {summary['streaming']['layers_rest_on']})"
         rows.append(("peak memory", text))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    if summary.get("zeroshot"):  # per task and stage, with the drop from dense
+        from gqa_prune.evaluation.zeroshot import ZeroShotResult, format_zeroshot_table
+
+        results = {k: ZeroShotResult.from_dict(v) for k, v in summary["zeroshot"].items()}
+        text += "\nzero-shot accuracy\n" + format_zeroshot_table(results)
+    return text
 
 
 # Sub-commands: name -> "module:function"; the function takes the remaining arguments and

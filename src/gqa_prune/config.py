@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gqa_prune.allocation import BASES as RATIO_BASES
 from gqa_prune.analysis import layer_importance_methods
-from gqa_prune.compensation import COMPENSATIONS, DEFAULT_DAMP
+from gqa_prune.compensation import COMPENSATIONS, DEFAULT_DAMP, SELECTIONS, check_selection
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.zeroshot import parse_tasks  # does not import lm-eval
 from gqa_prune.importance import AGGREGATIONS
@@ -49,7 +50,9 @@ class RunConfig:
     save_ckpt_log_name: str = "gqa_prune_run"
     log_root: str = "prune_log"
     pruning_ratio: float = 0.25
-    # defaults chosen from bench/bench_allocation.py on SmolLM2-135M (see README)
+    # what pruning_ratio is a fraction of: total | non_embedding (AllocationConfig)
+    pruning_ratio_basis: str = "total"
+    # defaults chosen from bench/bench_allocation.py on SmolLM2-135M (see docs/benchmarks.md)
     pruning_distribution: str | None = "1:9"
     pruning_strategy: str = "inverse"
     alpha: float = 2.0
@@ -74,6 +77,7 @@ class RunConfig:
     compensation: str = "lstsq"
     compensation_samples: int = 64
     compensation_damp: float = DEFAULT_DAMP
+    selection: str = "score"
     calibration_dataset: str = "wikitext2"
     eval_dataset: str = "wikitext2"
     eval_seq_len: int = 128
@@ -85,6 +89,8 @@ class RunConfig:
     eval_tasks: str | None = None
     eval_limit: int | None = None
     eval_include_path: str | None = None
+    # folder of <task>/<split>.jsonl for the standard suite (else <data_dir>/zeroshot)
+    zeroshot_data_dir: str | None = None
     measure_speed: bool = False
     # --- end zero-shot and efficiency ---
     save_model: bool = False
@@ -140,9 +146,11 @@ class RunConfig:
             raise GQAPruneError(f"--alpha must be >= 0, got {self.alpha}")
         for name, choices in (
             ("pruning_strategy", STRATEGIES),
+            ("pruning_ratio_basis", RATIO_BASES),
             ("importance", IMPORTANCE_CRITERIA),
             ("pruning_mode", PRUNING_MODES),
             ("compensation", COMPENSATIONS),
+            ("selection", SELECTIONS),
             ("aggregation", AGGREGATIONS),
             ("layer_importance_method", LAYER_IMPORTANCE_METHODS),
         ):
@@ -155,6 +163,7 @@ class RunConfig:
                 "--skip_importance_analysis needs --layer_importance_config PATH (a "
                 "layer_importance_config.json from an earlier run)"
             )
+        check_selection(self.selection, self.compensation)
         if not self.compensation_damp > 0:
             raise GQAPruneError(
                 f"--compensation_damp must be > 0 (e.g. {DEFAULT_DAMP}), got "
@@ -212,14 +221,21 @@ class RunConfig:
     def _check_eval_tasks(self) -> None:  # zero-shot flags
         if self.eval_tasks is not None:
             parse_tasks(self.eval_tasks)
-        elif self.eval_limit is not None or self.eval_include_path is not None:
-            raise GQAPruneError("--eval_limit and --eval_include_path need --eval_tasks")
+        elif (self.eval_limit, self.eval_include_path, self.zeroshot_data_dir) != (None,) * 3:
+            raise GQAPruneError(
+                "--eval_limit, --eval_include_path and --zeroshot_data_dir need --eval_tasks"
+            )
         if self.eval_limit is not None and self.eval_limit <= 0:
             raise GQAPruneError(f"--eval_limit must be positive, got {self.eval_limit}")
         if self.eval_include_path is not None and not Path(self.eval_include_path).is_dir():
             raise GQAPruneError(
                 f"--eval_include_path {self.eval_include_path} is not a folder; pass a folder "
                 "of lm-eval task YAML files"
+            )
+        if self.zeroshot_data_dir is not None and not Path(self.zeroshot_data_dir).is_dir():
+            raise GQAPruneError(
+                f"--zeroshot_data_dir {self.zeroshot_data_dir} is not a folder; pass the "
+                "folder holding <task>/<split>.jsonl (e.g. DATA/zeroshot)"
             )
 
     @property

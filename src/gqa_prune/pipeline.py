@@ -14,8 +14,10 @@ from gqa_prune.allocation import Allocation, AllocationConfig, allocate, allocat
 from gqa_prune.compensation import (
     DEFAULT_DAMP,
     Compensation,
-    apply_plan_sequential_,
+    Selection,
     check_compensation,
+    check_selection,
+    prune_sequential_,
 )
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.importance import UnitScores, compute_unit_scores
@@ -93,6 +95,7 @@ def prune_model_(
     compensation_ids: torch.Tensor | None = None,
     compensation_damp: float = DEFAULT_DAMP,
     streaming: LayerStreamer | StreamingConfig | None = None,
+    selection: Selection | str = "score",
 ) -> PruneOutcome:
     """Prune ``model`` in place to remove ``allocation_config.pruning_ratio`` of its parameters.
 
@@ -121,6 +124,10 @@ def prune_model_(
             (device, ``max_memory``, ``offload_dir``) streams and then gathers the pruned
             model back into CPU RAM; a ``LayerStreamer`` (already holding ``model``) leaves
             it streamed. None = everything on the model's device.
+        selection: ``score`` = keep each layer's highest-scoring units; ``repair`` = keep
+            as many, chosen by the error the ``lstsq`` refit leaves (greedy structured OBS
+            on the compensation's Gram matrices, ``gqa_prune.compensation.selection``).
+            The returned ``plan`` is the one applied.
     """
     if streaming is not None:
         return _prune_streaming_(
@@ -138,9 +145,11 @@ def prune_model_(
             compensation=compensation,
             compensation_ids=compensation_ids,
             compensation_damp=compensation_damp,
+            selection=selection,
         )
     before = get_adapter(model).geometry(model)
     check_compensation(compensation, compensation_damp)
+    check_selection(selection, compensation)
     allocation, scores, plan = plan_pruning(
         before,
         allocation_config,
@@ -154,8 +163,8 @@ def prune_model_(
         after = apply_plan_(model, plan)
     else:
         ids = calibration_ids if compensation_ids is None else compensation_ids
-        after = apply_plan_sequential_(
-            model, plan, ids, compensation, compensation_damp, batch_size, progress
+        plan, after = prune_sequential_(
+            model, plan, ids, compensation, compensation_damp, batch_size, progress, selection
         )
     check_finite_logits(model, calibration_ids[:1], step="after pruning")
     return PruneOutcome(plan, allocation, before, after, scores)
@@ -195,11 +204,16 @@ def plan_pruning(
             scores.groups, scores.channels, before, allocation_config, importance=importance
         )
     log.info(
-        "allocation (%s): remove %.2f%% of %d parameters (target %.2f%%)",
+        "allocation (%s): remove %d parameters = %.2f%% of %d total, %.2f%% of %d "
+        "non-embedding (target %.2f%% of %s)",
         mode,
-        100 * allocation.achieved_ratio,
+        allocation.params_removed,
+        100 * allocation.params_removed / before.total_params,
         before.total_params,
+        100 * allocation.params_removed / max(before.non_embedding_params, 1),
+        before.non_embedding_params,
         100 * allocation.target_ratio,
+        allocation.pruning_ratio_basis.replace("_", "-"),
     )
     return allocation, scores, build_plan(scores, allocation, before)
 

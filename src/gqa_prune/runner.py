@@ -23,11 +23,17 @@ from gqa_prune.analysis import (
     load_layer_importance,
 )
 from gqa_prune.config import RunConfig
-from gqa_prune.data import load_text, sample_calibration, tokenize_text
+from gqa_prune.data import bos_prefix, load_text, sample_calibration, tokenize_text
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.efficiency import SpeedResult, measure_speed, speedup
 from gqa_prune.evaluation.perplexity import PerplexityResult, evaluate_perplexity
-from gqa_prune.evaluation.zeroshot import ZeroShotResult, evaluate_zeroshot, task_manager
+from gqa_prune.evaluation.zeroshot import (
+    TaskSelection,
+    ZeroShotResult,
+    evaluate_zeroshot,
+    prepare_tasks,
+    zeroshot_drop,
+)
 from gqa_prune.io_utils import write_json_atomic
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.checkpoint import save_pruned
@@ -89,8 +95,12 @@ def layer_importance_step(
     model: Any,
     tokens: torch.Tensor,
     streamer: LayerStreamer | None = None,
+    bos_token_id: int | None = None,
 ) -> LayerImportance:
-    """Reuse the cached file of an earlier (interrupted) run with the same settings, or measure."""
+    """Reuse the cached file of an earlier (interrupted) run with the same settings, or measure.
+
+    ``bos_token_id``: start every calibration window with it (:func:`gqa_prune.data.bos_prefix`).
+    """
     cached = exp.path(LAYER_IMPORTANCE_FILE)
     if cached.is_file():
         try:
@@ -107,7 +117,11 @@ def layer_importance_step(
                 log.info("layer importance: reusing the cached %s from an earlier run", cached)
                 return result
     ids = sample_calibration(
-        tokens, config.layer_importance_samples, config.taylor_seq_len, config.seed + 1
+        tokens,
+        config.layer_importance_samples,
+        config.taylor_seq_len,
+        config.seed + 1,
+        bos_token_id,
     )
     log.info(
         "layer importance: %s on %d x %d calibration tokens",
@@ -132,6 +146,7 @@ def layer_importance_step(
 def allocation_config(config: RunConfig) -> AllocationConfig:
     return AllocationConfig(
         pruning_ratio=config.pruning_ratio,
+        pruning_ratio_basis=config.pruning_ratio_basis,  # type: ignore[arg-type]
         strategy=config.pruning_strategy,  # type: ignore[arg-type]
         alpha=config.alpha,
         min_pruning_rate=config.min_pruning_rate,
@@ -175,7 +190,12 @@ def build_summary(
         "params_after": after.total_params,
         "params_removed": removed,
         "target_ratio": config.pruning_ratio,
+        "pruning_ratio_basis": config.pruning_ratio_basis,  # what target_ratio is a share of
+        "embedding_params": before.embedding_params,
+        "non_embedding_params_before": before.non_embedding_params,
+        "non_embedding_params_after": after.non_embedding_params,
         "actual_ratio_total": removed / before.total_params,
+        "actual_ratio_non_embedding": removed / before.non_embedding_params,
         "actual_ratio_attention_mlp": prunable_removed / before.prunable_params,
         "attention_ratio": 1 - sum(after.kv_heads) / sum(before.kv_heads),
         "mlp_ratio": 1 - sum(after.intermediate_sizes) / sum(before.intermediate_sizes),
@@ -230,6 +250,7 @@ class ExperimentRun:
         self.speed: dict[str, SpeedResult] = {}
         self.finetune_record: dict[str, Any] | None = None
         self.eval_tokens: torch.Tensor | None = None
+        self.bos: int | None = None  # BOS put in front of every window (Gemma), or None
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -252,8 +273,14 @@ class ExperimentRun:
 
         calib_text = load_text(config.calibration_dataset, "calibration", config.data_dir)
         self.calib_tokens = tokenize_text(self.tokenizer, calib_text)
+        # windows start with BOS where the tokenizer adds one (Gemma), as the model sees text
+        self.bos = bos_prefix(self.tokenizer)
         self.calibration = sample_calibration(
-            self.calib_tokens, config.channel_importance_samples, config.taylor_seq_len, config.seed
+            self.calib_tokens,
+            config.channel_importance_samples,
+            config.taylor_seq_len,
+            config.seed,
+            self.bos,
         )
         if config.test_original_ppl or config.test_after_prune:
             eval_text = load_text(config.eval_dataset, "eval", config.data_dir)
@@ -269,22 +296,27 @@ class ExperimentRun:
             self.given_importance = load_layer_importance(
                 str(config.layer_importance_config), self.model
             )
+        geometry = adapter.geometry(self.model)
+        # Gemma-3-270M/1B: one GQA group per layer is all or nothing (logged when pruning)
+        self.attention_fixed = max(geometry.kv_heads) <= 1 and not config.allow_attention_removal
         # a dry run of the allocation with equal layer importance refuses an unreachable
         # target now, not after the analysis
-        allocate(
-            [1.0] * len(adapter.decoder_layers(self.model)),
-            adapter.geometry(self.model),
-            allocation_config(config),
-        )
+        allocate([1.0] * geometry.num_layers, geometry, allocation_config(config))
         # recovery: settings checked now; distill keeps the dense model as its teacher
         self.finetune_prep = (
             prepare_finetune(config, self.exp, self.model, self.tokenizer, self.calib_tokens)
             if config.finetune
             else None
         )
-        # lm-eval installed and every --eval_tasks name known
-        self.tasks = config.eval_task_names
-        self.manager = task_manager(self.tasks, config.eval_include_path) if self.tasks else None
+        # lm-eval installed, every --eval_tasks name known, local files found
+        self.tasks: TaskSelection | None = None
+        if config.eval_task_names:
+            self.tasks = prepare_tasks(
+                config.eval_task_names,
+                zeroshot_data_dir=config.zeroshot_data_dir,
+                data_dir=config.data_dir,
+                include_path=config.eval_include_path,
+            )
 
     # ------------------------------------------------------------------- steps
     def measure_layer_importance(self) -> None:
@@ -300,7 +332,7 @@ class ExperimentRun:
                 self.importance.save(self.exp.path(LAYER_IMPORTANCE_FILE))
             else:
                 self.importance = layer_importance_step(
-                    config, self.exp, self.model, self.calib_tokens, self.streamer
+                    config, self.exp, self.model, self.calib_tokens, self.streamer, self.bos
                 )
         self.memory.mark("layer_importance")
 
@@ -311,6 +343,7 @@ class ExperimentRun:
             max_windows=config.eval_max_windows,
             batch_size=config.eval_batch_size,
             dataset=config.eval_dataset,
+            bos_token_id=self.bos,
         )
         if self.streamer is not None:  # one layer at a time, same windows and result
             return streaming_perplexity(self.streamer, tokens, **kwargs)  # type: ignore[arg-type]
@@ -324,7 +357,7 @@ class ExperimentRun:
         log.info("perplexity %s: %.3f", label, self.ppl[stage].ppl)
 
     def _zeroshot(self, stage: str) -> None:
-        if not self.tasks:
+        if self.tasks is None:
             return
         config = self.config
         with self.step(f"zeroshot_{stage}"):
@@ -334,9 +367,7 @@ class ExperimentRun:
                 self.tasks,
                 batch_size=config.eval_batch_size,
                 limit=config.eval_limit,
-                include_path=config.eval_include_path,
                 seed=config.seed,
-                manager=self.manager,
             )
 
     def _speed(self, label: str, checkpoint: Path | None) -> None:
@@ -363,8 +394,15 @@ class ExperimentRun:
                 config.compensation_samples,
                 config.taylor_seq_len,
                 config.seed + 2,
+                self.bos,
             )
         with self.step("prune"):
+            if self.attention_fixed:
+                log.warning(
+                    "attention cannot be pruned in this model: every layer has a single KV "
+                    "head, so an attention block can only be kept whole or removed "
+                    "(--allow_attention_removal); the MLP takes the whole budget"
+                )
             self.outcome = prune_model_(
                 self.model,
                 self.calibration,
@@ -379,6 +417,7 @@ class ExperimentRun:
                 compensation_ids=compensation_ids,
                 compensation_damp=config.compensation_damp,
                 streaming=self.streamer,
+                selection=config.selection,
             )
         self.memory.mark("prune")
         self.outcome.plan.save(self.exp.path("pruning_plan.json"))
@@ -439,6 +478,12 @@ class ExperimentRun:
             summary["finetune"] = self.finetune_record
         if self.zeroshot:
             summary["zeroshot"] = {k: v.to_dict() for k, v in self.zeroshot.items()}
+            if "before" in self.zeroshot:  # dense - pruned (and - recovered), per task
+                summary["zeroshot_drop"] = {
+                    k: zeroshot_drop(self.zeroshot["before"], v)
+                    for k, v in self.zeroshot.items()
+                    if k != "before"
+                }
         if self.speed:
             summary["efficiency"] = {
                 **{k: v.to_dict() for k, v in self.speed.items()},

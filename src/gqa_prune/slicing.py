@@ -16,7 +16,7 @@ from torch import nn
 
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.models.adapters import ADAPTERS, ArchitectureAdapter, get_adapter
-from gqa_prune.models.geometry import GQAGeometry
+from gqa_prune.models.geometry import GQAGeometry, update_config_
 from gqa_prune.plan import LayerPlan, PruningPlan
 
 _DEFAULT_ADAPTER = ADAPTERS["llama"]
@@ -90,12 +90,7 @@ def prune_attention_by_gqa_groups(
     _slice_linear_(k, kv_rows, 0)
     _slice_linear_(v, kv_rows, 0)
     _slice_linear_(o, q_rows, 1)
-    for name in ("num_heads", "num_attention_heads"):
-        if isinstance(getattr(attn, name, None), int):
-            setattr(attn, name, len(keep) * ratio)
-    for name in ("num_key_value_heads",):
-        if isinstance(getattr(attn, name, None), int):
-            setattr(attn, name, len(keep))
+    adapter.set_head_counts_(attn, len(keep) * ratio, len(keep))
 
 
 def prune_mlp_channels(
@@ -156,13 +151,6 @@ def attention_cut(
         return False
     k = adapter.attention_projections(layer)[1]
     return len(lp.keep_kv_groups) != k.out_features // plan.head_dim
-
-
-def update_config_(config: object, geometry: GQAGeometry) -> None:
-    """Write per-layer head counts and MLP sizes (and an explicit head_dim) into a config."""
-    config.head_dim = geometry.head_dim  # type: ignore[attr-defined]
-    config.layer_num_key_value_heads = list(geometry.kv_heads)  # type: ignore[attr-defined]
-    config.layer_intermediate_sizes = list(geometry.intermediate_sizes)  # type: ignore[attr-defined]
 
 
 def check_pruned_model(model: nn.Module, plan: PruningPlan) -> None:

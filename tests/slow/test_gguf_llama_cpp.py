@@ -140,7 +140,7 @@ def test_sentencepiece_tokenizer_matches_in_llama_cpp(scheme, tmp_path, monkeypa
 # logit std 6.97): f32 max 0.009 / mean 1e-5; f16 mean 0.011, top-1 0.9985, PPL +0.03%;
 # q8_0 mean 0.25, top-1 0.94, PPL +0.7%. Bounds leave a margin of ~3x. The max difference
 # is bounded for f32 only: at a few ill-conditioned positions of the pruned model, merely
-# rounding the weights to f16 in PyTorch moves a logit by > 1 (bench notes in the README).
+# rounding the weights to f16 in PyTorch moves a logit by > 1 (bench notes in docs/serving.md).
 TOLERANCES = {  # outtype -> (max abs / std or None, mean abs / std, min top-1, PPL rel. diff)
     "f32": (5e-3, 1e-4, 1.0, 1e-3),
     "f16": (None, 5e-3, 0.98, 5e-3),

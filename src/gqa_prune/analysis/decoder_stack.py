@@ -147,10 +147,15 @@ def run_layers(
 
 
 class OutputHead:
-    """Final norm followed by the LM head: (B, L, H) hidden states -> (B, L, V) logits."""
+    """Final norm, LM head and the family's final soft-cap: (B, L, H) -> (B, L, V) logits.
+
+    Gemma 2/3 bound the logits as ``c * tanh(logits / c)`` after the LM head (``c`` from the
+    config, through the adapter); without it the losses here would not be the model's.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.norm = final_norm(model)
+        self.softcap = get_adapter(model).final_logit_softcap(model)
         hf_model: Any = model  # a transformers PreTrainedModel; nn.Module lacks the method
         lm_head = hf_model.get_output_embeddings()
         if lm_head is None:
@@ -161,7 +166,10 @@ class OutputHead:
         self.lm_head: Any = lm_head
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+        logits = self.lm_head(self.norm(hidden))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def final_norm(model: nn.Module) -> nn.Module:

@@ -9,12 +9,24 @@
 Layers are processed in order on the outputs of the already pruned layers below
 (:mod:`.sequential`, with its per-layer time and memory cost).
 
+Selection (``prune_sequential_(..., selection=...)``): ``score`` keeps the units the plan
+names; ``repair`` keeps as many but chooses them by the error the ``lstsq`` refit leaves
+(greedy structured OBS on the same Gram matrices, :mod:`.selection`).
+
 Measured on SmolLM2-135M, 25% of all parameters removed (inverse, alpha 2, split 1:9),
 64 x 128 compensation tokens, WikiText-2 perplexity (seq_len 128, 40 windows): dense 59.10,
 plain deletion 164.18, ``bias`` 148.79, ``lstsq`` 124.40 at damp 0.1 (126.88 at 0.03,
 125.20 at 0.3); see ``bench/bench_compensation.py``. Hence the defaults ``lstsq``, damp 0.1.
 """
 
+from gqa_prune.compensation.selection import (
+    SELECTIONS,
+    Selection,
+    check_selection,
+    greedy_removal,
+    removal_error,
+    select_kept_units,
+)
 from gqa_prune.compensation.sequential import (
     COMPENSATIONS,
     DEFAULT_DAMP,
@@ -23,6 +35,7 @@ from gqa_prune.compensation.sequential import (
     add_output_biases_,
     apply_plan_sequential_,
     check_compensation,
+    prune_sequential_,
     record_layer_inputs,
 )
 from gqa_prune.compensation.solve import removed_mean_contribution, ridge_refit
@@ -34,8 +47,15 @@ __all__ = [
     "Compensation",
     "add_output_biases_",
     "apply_plan_sequential_",
+    "SELECTIONS",
+    "Selection",
     "check_compensation",
+    "check_selection",
+    "greedy_removal",
+    "prune_sequential_",
     "record_layer_inputs",
+    "removal_error",
+    "select_kept_units",
     "removed_mean_contribution",
     "ridge_refit",
 ]

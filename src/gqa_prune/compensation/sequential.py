@@ -29,6 +29,8 @@ tables) per batch. Cost per layer for Llama-3-8B (hidden 4096, 32 Q heads x 128,
     Gram products (fp32)                   2 N I^2 = 3.4 TFLOP per layer (N = 8192 tokens)
     Cholesky + solve (fp64)                |S|^3/3 + 2 |S|^2 x 4096 = 1.4 TFLOP per layer
     layer forwards                         3 passes of the layer over the calibration set
+    --selection repair (instead of the     H^-1 (fp64) 14336^2 x 8 B = 1.6 GiB + W' (fp64)
+      down_proj solve; .selection)         0.47 GiB (+ 1.6 GiB transient); ~2 n^3 = 5.8 TFLOP
 
 Measured on one CPU core (a 14336-wide random layer): Gram of 2048 tokens 16-25 s, the solve
 50-100 s. On a GPU the Gram products take well under a second; the fp64 solve about a second
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -53,6 +56,7 @@ from gqa_prune.analysis.decoder_stack import (
     input_device,
     split_layer_args,
 )
+from gqa_prune.compensation.selection import Selection, check_selection, select_kept_units
 from gqa_prune.compensation.solve import removed_mean_contribution, ridge_refit
 from gqa_prune.compensation.stats import InputStats
 from gqa_prune.errors import GQAPruneError
@@ -102,6 +106,9 @@ def apply_plan_sequential_(
 ) -> GQAGeometry:
     """Slice ``model`` to ``plan`` layer by layer, compensating each cut on calibration data.
 
+    Keeps exactly the plan's units; :func:`prune_sequential_` can also choose them
+    (``selection="repair"``) and returns the plan it applied.
+
     Args:
         model: a causal LM of a supported family (weights in any float dtype).
         plan: the kept groups and channels of every layer.
@@ -119,9 +126,37 @@ def apply_plan_sequential_(
     Returns:
         The geometry of the pruned model.
     """
+    return prune_sequential_(
+        model, plan, calibration_ids, compensation, damp, batch_size, progress
+    )[1]
+
+
+@torch.no_grad()
+def prune_sequential_(
+    model: nn.Module,
+    plan: PruningPlan,
+    calibration_ids: torch.Tensor | None,
+    compensation: Compensation | str = "lstsq",
+    damp: float = DEFAULT_DAMP,
+    batch_size: int = 8,
+    progress: bool = False,
+    selection: Selection | str = "score",
+) -> tuple[PruningPlan, GQAGeometry]:
+    """:func:`apply_plan_sequential_`, optionally choosing which units go (same counts).
+
+    Args:
+        selection: ``score`` = keep the plan's units; ``repair`` = keep, in every layer, as
+            many GQA groups and MLP channels as the plan but choose them by the error the
+            ridge refit leaves (:mod:`gqa_prune.compensation.selection`; needs ``lstsq``).
+        others: as :func:`apply_plan_sequential_`.
+
+    Returns:
+        ``(plan, geometry)``: the plan that was really applied, and the pruned geometry.
+    """
     check_compensation(compensation, damp)
+    check_selection(selection, compensation)
     if compensation == "none":
-        return apply_plan_(model, plan)
+        return plan, apply_plan_(model, plan)
     calibration_ids = check_calibration_ids(compensation, calibration_ids, batch_size)
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
@@ -135,18 +170,24 @@ def apply_plan_sequential_(
     if compensation == "bias":
         add_output_biases_(model, adapter)
     states, calls = record_layer_inputs(model, calibration_ids, batch_size)
+    applied = []
     for i in tqdm(range(len(layers)), desc=f"compensation {compensation}", disable=not progress):
         layer = layers[i]
-        prune_layer_(layer, by_layer[i], plan, states, calls[i], adapter, compensation, damp)
+        applied.append(
+            prune_layer_(
+                layer, by_layer[i], plan, states, calls[i], adapter, compensation, damp, selection
+            )
+        )
         if i + 1 < len(layers):
             for b, (hidden, call) in enumerate(zip(states, calls[i], strict=True)):
                 states[b] = _run_layer(layer, hidden, call)
     del states, calls
     model.train(was_training)
+    plan = replace(plan, layers=tuple(applied))
     geometry = adapter.geometry(model)
     update_config_(model.config, geometry)
     check_pruned_model(model, plan)
-    return geometry
+    return plan, geometry
 
 
 def check_calibration_ids(
@@ -271,22 +312,38 @@ def prune_layer_(
     adapter: ArchitectureAdapter,
     compensation: str,
     damp: float,
-) -> None:
+    selection: str = "score",
+) -> LayerPlan:
     """Slice one layer to ``lp``: attention first, then the MLP on the new attention output.
 
     Removing every KV group of a layer leaves no column to refit: ``lstsq`` then just drops
     the block, ``bias`` keeps the mean of its output as the removed block's constant.
+    With ``selection="repair"`` the kept groups / channels (same counts as ``lp``) are chosen
+    on the Gram matrix just collected, before slicing, and the selection's own ridge refit
+    (``lam`` over all inputs) is written (:mod:`.selection`).
+
+    Returns:
+        The layer plan that was applied (``lp`` itself unless ``repair`` chose others).
     """
     _, _, down = adapter.mlp_projections(layer)
     cut_attn = attention_cut(layer, lp, plan, adapter)
     cut_mlp = len(lp.keep_mlp_channels) != down.in_features
     gram = compensation == "lstsq"
+    repair = selection == "repair"
     if cut_attn:
         o = adapter.attention_projections(layer)[3]
         (o_stats,) = _collect(layer, [o], states, calls, gram)
-        keep = group_rows(lp.keep_kv_groups, plan.queries_per_kv * plan.head_dim)
+        width = plan.queries_per_kv * plan.head_dim
+        fix = None
+        if repair and lp.keep_kv_groups and o_stats.gram is not None:
+            groups, fix = select_kept_units(
+                o.weight, o_stats.gram, len(lp.keep_kv_groups), damp, width
+            )
+            lp = replace(lp, keep_kv_groups=groups)
+        keep = group_rows(lp.keep_kv_groups, width)
         no_columns_left = compensation == "lstsq" and not keep.numel()
-        fix = None if no_columns_left else _correction(o, keep, o_stats, compensation, damp)
+        if fix is None and not no_columns_left:
+            fix = _correction(o, keep, o_stats, compensation, damp)
         del o_stats
         if fix is not None and compensation == "bias":  # bias is not sliced; removal keeps it
             _apply_correction_(o, fix, compensation)
@@ -295,11 +352,18 @@ def prune_layer_(
             _apply_correction_(o, fix, compensation)
     if cut_mlp:
         (down_stats,) = _collect(layer, [down], states, calls, gram)
-        keep = torch.as_tensor(sorted(lp.keep_mlp_channels), dtype=torch.long)
-        fix = _correction(down, keep, down_stats, compensation, damp)
+        if repair and down_stats.gram is not None:  # selection and refit in one (W')
+            channels, fix = select_kept_units(
+                down.weight, down_stats.gram, len(lp.keep_mlp_channels), damp
+            )
+            lp = replace(lp, keep_mlp_channels=channels)
+        else:
+            keep = torch.as_tensor(sorted(lp.keep_mlp_channels), dtype=torch.long)
+            fix = _correction(down, keep, down_stats, compensation, damp)
         del down_stats
         prune_mlp_channels(layer, lp.keep_mlp_channels, adapter)
         _apply_correction_(down, fix, compensation)
+    return lp
 
 
 def add_output_biases_(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> None:

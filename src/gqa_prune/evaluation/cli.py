@@ -56,7 +56,9 @@ def build_search_parser() -> argparse.ArgumentParser:
         prog="gqa-prune search",
         description="Search the attention:MLP split of the removed parameters in one process: "
         "layer importance and unit scores once, then prune a copy per split and rank the "
-        "splits by perplexity on held-out calibration (validation) text, never the test split.",
+        "splits by perplexity on held-out calibration (validation) text, or by zero-shot "
+        "accuracy on the validation files of ARC-Easy, ARC-Challenge and OpenBookQA; never "
+        "on test items.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _model_arguments(p, d)
@@ -105,27 +107,54 @@ def build_search_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_seq_len", type=int, default=d.eval_seq_len)
     g.add_argument("--eval_max_windows", type=_int_or_none, default=d.eval_max_windows)
     g.add_argument("--eval_batch_size", type=int, default=d.eval_batch_size)
+    g = p.add_argument_group("ranking (validation data only)")
+    g.add_argument(
+        "--rank_by",
+        default="ppl",
+        choices=["ppl", "zeroshot"],
+        help="ppl: validation perplexity; zeroshot: mean acc_norm (acc where a task has none) "
+        "on the zero-shot tasks' validation files (needs pip install 'gqa-prune[eval]')",
+    )
+    g.add_argument(
+        "--zeroshot_tasks",
+        default="zeroshot6",
+        help="tasks of --rank_by zeroshot, on their validation split (zeroshot6 = arc_easy, "
+        "arc_challenge, openbookqa: the ones with validation files)",
+    )
+    g.add_argument(
+        "--zeroshot_limit",
+        type=_int_or_none,
+        default=None,
+        help="the first N validation items per task (default: all)",
+    )
+    g.add_argument(
+        "--zeroshot_data_dir",
+        default=None,
+        help="folder of <task>/validation.jsonl (default: <data_dir>/zeroshot)",
+    )
     return p
 
 
 def search_main(argv: Sequence[str]) -> int:
     """``gqa-prune search``: print the candidates' table; write the JSON and the plot."""
     from gqa_prune.data import load_text
-    from gqa_prune.evaluation.search import (
-        SearchConfig,
-        parse_distributions,
-        search_distributions,
-    )
+    from gqa_prune.evaluation.tasks import zeroshot_folder
     from gqa_prune.io_utils import write_json_atomic
     from gqa_prune.models.loading import load_model
     from gqa_prune.reporting.experiment import ExperimentDir, setup_logging
     from gqa_prune.reporting.search_plots import format_search_table, plot_search
     from gqa_prune.runner import allocation_config
+    from gqa_prune.search import SearchConfig, parse_distributions, search_distributions
 
     args = vars(build_search_parser().parse_args(list(argv)))
     distributions = parse_distributions(args.pop("distributions"))
     validation_fraction = args.pop("validation_fraction")
+    ranking = {k: args.pop(k) for k in ("rank_by", "zeroshot_tasks", "zeroshot_limit")}
+    zeroshot_dir = args.pop("zeroshot_data_dir")
     run = RunConfig(**args, prune_mlp=True)  # validates the shared flags
+    if ranking["rank_by"] == "zeroshot":
+        folder = zeroshot_folder(zeroshot_dir, run.data_dir)
+        zeroshot_dir = None if folder is None else str(folder)
     config = SearchConfig(
         distributions=distributions,
         allocation=allocation_config(run),
@@ -145,6 +174,8 @@ def search_main(argv: Sequence[str]) -> int:
         compensation_samples=run.compensation_samples,
         compensation_damp=run.compensation_damp,
         seed=run.seed,
+        zeroshot_data_dir=zeroshot_dir,
+        **ranking,
     )
     exp = ExperimentDir(run)
     exp.check_overwrite()  # the output folder must be writable before the costly part
@@ -161,6 +192,8 @@ def search_main(argv: Sequence[str]) -> int:
                 **args,
                 "validation_fraction": validation_fraction,
                 "distributions": [list(dd) for dd in distributions],
+                **ranking,
+                "zeroshot_data_dir": zeroshot_dir,
             },
             **result.to_dict(),
         },
@@ -168,7 +201,8 @@ def search_main(argv: Sequence[str]) -> int:
     plot_search(
         exp.path(SEARCH_PLOT),
         result,
-        title=f"{run.base_model}: split search at {100 * run.pruning_ratio:.0f}% pruning",
+        title=f"{run.base_model}: split search at {100 * run.pruning_ratio:.0f}% pruning "
+        f"(ranked by validation {'zero-shot' if result.rank_by == 'zeroshot' else 'perplexity'})",
     )
     print(format_search_table(result))
     print(f"wrote {exp.path(SEARCH_JSON)} and {exp.path(SEARCH_PLOT)}")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gqa_prune.data import load_text, tokenize_text
+from gqa_prune.data import bos_prefix, load_text, tokenize_text
 from gqa_prune.errors import GQAPruneError
 
 
@@ -35,13 +35,23 @@ class PerplexityResult:
 
 
 def make_windows(
-    tokens: torch.Tensor, seq_len: int, max_windows: int | None = None
+    tokens: torch.Tensor,
+    seq_len: int,
+    max_windows: int | None = None,
+    bos_token_id: int | None = None,
 ) -> list[torch.Tensor]:
     """Cut a 1-D token stream into non-overlapping windows of ``seq_len``.
 
-    A last window shorter than ``seq_len`` is kept if it predicts at least one token.
+    A last window shorter than ``seq_len`` is kept if it predicts at least one token. With
+    ``bos_token_id`` (:func:`gqa_prune.data.bos_prefix`) every window is that BOS followed by
+    ``seq_len - 1`` stream tokens, so each window still predicts ``seq_len - 1`` tokens (all
+    of its stream tokens).
     """
-    windows = [w for w in tokens.split(seq_len) if w.numel() >= 2]
+    if bos_token_id is None:
+        windows = [w for w in tokens.split(seq_len) if w.numel() >= 2]
+    else:
+        bos = tokens.new_full((1,), bos_token_id)
+        windows = [torch.cat([bos, w]) for w in tokens.split(seq_len - 1) if w.numel() >= 1]
     return windows[:max_windows] if max_windows is not None else windows
 
 
@@ -54,6 +64,7 @@ def evaluate_perplexity(
     batch_size: int = 8,
     dataset: str = "",
     progress: bool = True,
+    bos_token_id: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a token stream.
 
@@ -64,12 +75,15 @@ def evaluate_perplexity(
         max_windows: evaluate only the first N windows.
         batch_size: windows per forward pass.
         dataset: name recorded with the result.
+        bos_token_id: put this BOS in front of every window (see :func:`make_windows`).
 
     Raises:
         GQAPruneError: no window to evaluate, or the logits are not finite.
     """
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    batches, num_windows = eval_batches(tokens, seq_len, max_windows, batch_size, max_pos)
+    batches, num_windows = eval_batches(
+        tokens, seq_len, max_windows, batch_size, max_pos, bos_token_id
+    )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -96,6 +110,7 @@ def eval_batches(
     max_windows: int | None,
     batch_size: int,
     max_positions: int | None = None,
+    bos_token_id: int | None = None,
 ) -> tuple[list[torch.Tensor], int]:
     """Windows of ``tokens`` stacked into batches: full windows ``batch_size`` at a time,
     then a short last window alone.
@@ -111,7 +126,7 @@ def eval_batches(
             f"eval seq_len {seq_len} exceeds the model's maximum of {max_positions} positions; "
             f"use --eval_seq_len {max_positions} or less"
         )
-    windows = make_windows(tokens, seq_len, max_windows)
+    windows = make_windows(tokens, seq_len, max_windows, bos_token_id)
     if not windows:
         raise GQAPruneError(f"no evaluation window: the text has only {tokens.numel()} tokens")
     full = [w for w in windows if w.numel() == seq_len]
@@ -166,6 +181,12 @@ class PPLMetric:
         for name in self.datasets:
             tokens = tokenize_text(self.tokenizer, load_text(name, "eval", self.data_dir))
             results[name] = evaluate_perplexity(
-                self.model, tokens, self.seq_len, self.max_windows, self.batch_size, dataset=name
+                self.model,
+                tokens,
+                self.seq_len,
+                self.max_windows,
+                self.batch_size,
+                dataset=name,
+                bos_token_id=bos_prefix(self.tokenizer),
             )
         return results

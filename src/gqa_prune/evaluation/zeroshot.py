@@ -10,8 +10,16 @@ For a multiple-choice item with context ``c`` and choices ``x_1..x_k`` the harne
     acc      = mean over items of [argmax_i ll_i == gold]
     acc_norm = mean over items of [argmax_i ll_i / len(x_i in characters) == gold]
 
-Task data comes from the Hugging Face hub (the harness's own task configs) unless a task
-folder of YAML files (``include_path``) points at local files.
+Data: the standard pruning suite (``piqa``, ``arc_easy``, ``arc_challenge``, ``boolq``,
+``winogrande``, ``openbookqa``; the group name ``zeroshot6`` stands for all six) runs from
+local JSON-lines files when a zero-shot data folder is set (``zeroshot_data_dir``, else
+``<data_dir>/zeroshot``; see :mod:`gqa_prune.evaluation.tasks`), with the stock prompts and
+metrics. Other names, and the suite without local files, come from the Hugging Face hub
+through the harness's own task configs, or from a folder of task YAML files
+(``include_path``).
+
+``split="validation"`` runs the held-out validation files (ARC-Easy, ARC-Challenge,
+OpenBookQA) for choosing settings; the reported items are never among them.
 """
 
 from __future__ import annotations
@@ -19,9 +27,8 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -29,75 +36,16 @@ import torch
 from torch import nn
 
 from gqa_prune.errors import GQAPruneError
+from gqa_prune.evaluation.tasks import SUITE
+from gqa_prune.evaluation.tasks.selection import (
+    TaskSelection,
+    parse_tasks,
+    prepare_tasks,
+    require_lm_eval,
+    task_manager,
+)
 
 log = logging.getLogger(__name__)
-
-INSTALL_HINT = "pip install 'gqa-prune[eval]'"
-
-
-def require_lm_eval() -> ModuleType:
-    """Import ``lm_eval`` or raise a one-line :class:`GQAPruneError` saying how to install it."""
-    try:
-        import lm_eval  # type: ignore[import-untyped]
-        import lm_eval.models.huggingface  # type: ignore[import-untyped]  # noqa: F401
-        import lm_eval.tasks  # type: ignore[import-untyped]  # noqa: F401
-    except ImportError:
-        raise GQAPruneError(f"--eval_tasks needs lm-evaluation-harness: {INSTALL_HINT}") from None
-    return lm_eval
-
-
-def parse_tasks(text: str | Sequence[str]) -> tuple[str, ...]:
-    """``"boolq,piqa"`` (or a list) -> ``("boolq", "piqa")``; empty or repeated names raise."""
-    names = text.split(",") if isinstance(text, str) else list(text)
-    tasks = tuple(n.strip() for n in names)
-    if not tasks or any(not t for t in tasks):
-        raise GQAPruneError(
-            f"--eval_tasks '{text}' has an empty task name; pass comma-separated names, "
-            "e.g. boolq,piqa"
-        )
-    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
-    if repeated:
-        raise GQAPruneError(f"--eval_tasks names {', '.join(repeated)} more than once")
-    return tasks
-
-
-def task_manager(tasks: Sequence[str], include_path: str | Path | None = None) -> Any:
-    """A harness ``TaskManager`` that knows every name in ``tasks``.
-
-    Only ``include_path`` is indexed when it holds all the tasks (indexing the harness's
-    ~15,000 built-in configs takes seconds); otherwise the built-ins are added.
-
-    Raises:
-        GQAPruneError: lm-eval is missing, ``include_path`` is not a folder, or a task
-            name is unknown (the message suggests close names).
-    """
-    import difflib
-
-    require_lm_eval()
-    from lm_eval.tasks import TaskManager  # type: ignore[import-untyped]
-
-    if include_path is not None and not Path(include_path).is_dir():
-        raise GQAPruneError(
-            f"--eval_include_path {include_path} is not a folder; pass a folder of task YAML files"
-        )
-    manager = None
-    if include_path is not None:
-        manager = TaskManager(include_path=str(include_path), include_defaults=False)
-        if any(t not in manager.all_tasks for t in tasks):
-            manager = None
-    if manager is None:
-        manager = TaskManager(include_path=None if include_path is None else str(include_path))
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        hints = {t: difflib.get_close_matches(t, manager.all_tasks, n=3) for t in unknown}
-        said = "; ".join(
-            f"'{t}'" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items()
-        )
-        raise GQAPruneError(
-            f"unknown lm-eval task {said}; see `lm-eval ls tasks`, or pass a folder of task YAML "
-            "files with --eval_include_path"
-        )
-    return manager
 
 
 @dataclass(frozen=True)
@@ -110,6 +58,11 @@ class TaskScore:
     acc_norm_stderr: float | None
     num_samples: int | None
 
+    @property
+    def score(self) -> float | None:
+        """``acc_norm`` where the task reports it, else ``acc`` (BoolQ, WinoGrande)."""
+        return self.acc if self.acc_norm is None else self.acc_norm
+
 
 @dataclass(frozen=True)
 class ZeroShotResult:
@@ -120,8 +73,11 @@ class ZeroShotResult:
         mean_acc: mean of ``acc`` over the requested tasks (None if none has it).
         mean_acc_norm: mean of ``acc_norm`` likewise.
         num_fewshot: in-context examples (0 = zero-shot).
-        limit: items per task (None = all).
+        limit: items per task, the first ones (None = all).
         lm_eval_version: version of the harness that computed the numbers.
+        requested: the task names evaluated (the group name expanded).
+        split: ``test`` (the reported items) or ``validation`` (for choosing settings).
+        sources: task -> ``"local <file>"`` or ``"lm-eval"`` (the harness's own data).
     """
 
     tasks: dict[str, TaskScore]
@@ -131,16 +87,24 @@ class ZeroShotResult:
     limit: int | float | None
     lm_eval_version: str
     requested: tuple[str, ...] = ()
+    split: str = "test"
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mean_score(self) -> float | None:
+        """Mean over the requested tasks of acc_norm, or acc where a task has no acc_norm."""
+        return _mean([self.tasks[n].score for n in self.requested if n in self.tasks])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["requested"] = list(self.requested)
+        d["mean_score"] = self.mean_score
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ZeroShotResult:
         tasks = {k: TaskScore(**v) for k, v in d["tasks"].items()}
-        rest = {k: v for k, v in d.items() if k not in ("tasks", "requested")}
+        rest = {k: v for k, v in d.items() if k not in ("tasks", "requested", "mean_score")}
         return cls(tasks=tasks, requested=tuple(d.get("requested", ())), **rest)
 
 
@@ -162,7 +126,7 @@ def _task_score(metrics: dict[str, Any], num_samples: int | None) -> TaskScore:
     )
 
 
-def _mean(values: list[float | None]) -> float | None:
+def _mean(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return float(np.mean(present)) if present else None
 
@@ -170,14 +134,16 @@ def _mean(values: list[float | None]) -> float | None:
 def evaluate_zeroshot(
     model: nn.Module,
     tokenizer: Any,
-    tasks: Sequence[str] | str,
+    tasks: Sequence[str] | str | TaskSelection,
     *,
     batch_size: int = 8,
     limit: int | float | None = None,
+    split: str = "test",
+    zeroshot_data_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
     include_path: str | Path | None = None,
     num_fewshot: int = 0,
     seed: int = 1234,
-    manager: Any = None,
 ) -> ZeroShotResult:
     """Run lm-evaluation-harness tasks on ``model`` as it is in memory.
 
@@ -188,26 +154,46 @@ def evaluate_zeroshot(
     Args:
         model: a causal LM (pruned or not) on any device.
         tokenizer: its tokenizer.
-        tasks: harness task names, e.g. ``("boolq", "piqa")``, or ``"boolq,piqa"``.
+        tasks: harness task names, e.g. ``("boolq", "piqa")``, ``"boolq,piqa"`` or
+            ``"zeroshot6"``, or a :class:`TaskSelection` from :func:`prepare_tasks` (then
+            ``split``, the data folders and ``include_path`` are those it was made with).
         batch_size: sequences per forward pass.
-        limit: items per task (an int) or a fraction of each task; None = all.
-        include_path: folder of extra task YAML files (local tasks, offline use).
-        num_fewshot: in-context examples; 0 = zero-shot.
-        seed: seed of the harness (sampling of few-shot examples and of ``limit``).
-        manager: a :func:`task_manager` built earlier for these tasks (saves the indexing).
+        limit: the first ``limit`` items of each task (an int), or a fraction; None = all.
+        split: ``test`` (reported items) or ``validation`` (held-out files, for choosing
+            settings; local data only).
+        zeroshot_data_dir: folder of ``<task>/<split>.jsonl`` files.
+        data_dir: data directory whose ``zeroshot/`` folder is used when
+            ``zeroshot_data_dir`` is None (default ``$GQA_PRUNE_DATA_DIR``).
+        include_path: folder of extra task YAML files (other local tasks).
+        num_fewshot: in-context examples; 0 = zero-shot (local tasks are zero-shot only).
+        seed: seed of the harness (sampling of few-shot examples).
 
     Raises:
-        GQAPruneError: lm-eval is not installed, a task is unknown, or a task's data
-            cannot be loaded (no network and no local copy).
+        GQAPruneError: lm-eval is not installed, a task is unknown, a local file is
+            missing, or a task's data cannot be loaded (no network and no local copy).
     """
     import copy
 
-    names = parse_tasks(tasks)
+    selection = (
+        tasks
+        if isinstance(tasks, TaskSelection)
+        else prepare_tasks(
+            tasks,
+            split=split,
+            zeroshot_data_dir=zeroshot_data_dir,
+            data_dir=data_dir,
+            include_path=include_path,
+        )
+    )
+    names = selection.names
+    if num_fewshot and any(isinstance(s, dict) for s in selection.specs):
+        raise GQAPruneError(
+            f"num_fewshot {num_fewshot}: the local tasks have no training split to draw "
+            "examples from; use num_fewshot=0"
+        )
     lm_eval = require_lm_eval()
     from lm_eval.models.huggingface import HFLM  # type: ignore[import-untyped]
 
-    if manager is None:
-        manager = task_manager(names, include_path)
     was_training = model.training
     hflm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -215,10 +201,10 @@ def evaluate_zeroshot(
         with torch.random.fork_rng(devices=[]):
             out = lm_eval.simple_evaluate(
                 model=hflm,
-                tasks=list(names),
+                tasks=list(selection.specs),
                 num_fewshot=num_fewshot,
                 limit=limit,
-                task_manager=manager,
+                task_manager=selection.manager,
                 log_samples=False,
                 bootstrap_iters=1000,
                 random_seed=seed,
@@ -230,7 +216,9 @@ def evaluate_zeroshot(
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise GQAPruneError(
             f"cannot load the data of --eval_tasks {','.join(names)}: {first} (the harness "
-            "fetches task data from the Hugging Face hub; needs network or a local task folder)"
+            "fetches task data from the Hugging Face hub; needs network, or local files: "
+            f"--zeroshot_data_dir DIR with <task>/<split>.jsonl for {SUITE}, or a folder of "
+            "task YAML files with --eval_include_path)"
         ) from exc
     finally:
         random.setstate(py_state)
@@ -252,50 +240,109 @@ def evaluate_zeroshot(
         limit=limit,
         lm_eval_version=str(getattr(lm_eval, "__version__", "unknown")),
         requested=names,
+        split=selection.split,
+        sources=dict(selection.sources),
     )
     log.info(
-        "zero-shot (%s): mean acc %s, mean acc_norm %s",
+        "zero-shot (%s, %s split): mean acc %s, mean acc_norm %s",
         ",".join(names),
+        selection.split,
         _fmt(result.mean_acc),
         _fmt(result.mean_acc_norm),
     )
     return result
 
 
+def _diff(dense: float | None, other: float | None) -> float | None:
+    return None if dense is None or other is None else dense - other
+
+
+def zeroshot_drop(dense: ZeroShotResult, other: ZeroShotResult) -> dict[str, Any]:
+    """Drop from the dense model, ``dense - other`` per task and mean (positive = lost).
+
+    Returns:
+        ``{"tasks": {name: {"acc": d, "acc_norm": d}}, "mean_acc": d, "mean_acc_norm": d,
+        "mean_score": d}``; None where either side lacks the metric.
+    """
+    tasks = {}
+    for name, s in other.tasks.items():
+        d = dense.tasks.get(name)
+        tasks[name] = {
+            "acc": _diff(d.acc if d else None, s.acc),
+            "acc_norm": _diff(d.acc_norm if d else None, s.acc_norm),
+        }
+    return {
+        "tasks": tasks,
+        "mean_acc": _diff(dense.mean_acc, other.mean_acc),
+        "mean_acc_norm": _diff(dense.mean_acc_norm, other.mean_acc_norm),
+        "mean_score": _diff(dense.mean_score, other.mean_score),
+    }
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _pts(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}"
+
+
 def format_zeroshot_table(results: dict[str, ZeroShotResult]) -> str:
-    """Text table: one row per task, columns ``acc/acc_norm`` per stage (before, after, ...)."""
+    """Text table: one row per task (then the means), ``acc / acc_norm`` per stage.
+
+    Every stage after the first also gets a ``drop`` column: first stage minus it, in
+    accuracy points (positive = lost), for ``acc / acc_norm``.
+    """
     stages = list(results)
     if not stages:
         return ""
-    names = list(next(iter(results.values())).tasks)
+    first = results[stages[0]]
+    names = list(first.tasks)
     for r in results.values():
         names += [n for n in r.tasks if n not in names]
-    header = ["task", *(f"{s} acc / acc_norm" for s in stages)]
+    header = ["task", f"{stages[0]} acc / acc_norm"]
+    for s in stages[1:]:
+        header += [f"{s} acc / acc_norm", "drop (pts)"]
     rows = [header]
+
+    def pair(r: ZeroShotResult, n: str) -> tuple[float | None, float | None]:
+        if n == "mean":
+            return r.mean_acc, r.mean_acc_norm
+        t = r.tasks.get(n)
+        return (t.acc, t.acc_norm) if t else (None, None)
+
     for n in [*names, "mean"]:
-        row = [n]
-        for r in results.values():
-            if n == "mean":
-                a, b = r.mean_acc, r.mean_acc_norm
-            else:
-                s = r.tasks.get(n)
-                a, b = (s.acc, s.acc_norm) if s else (None, None)
-            row.append(f"{_fmt(a)} / {_fmt(b)}")
+        a0, b0 = pair(first, n)
+        row = [n, f"{_fmt(a0)} / {_fmt(b0)}"]
+        for s in stages[1:]:
+            a, b = pair(results[s], n)
+            row += [f"{_fmt(a)} / {_fmt(b)}", f"{_pts(_diff(a0, a))} / {_pts(_diff(b0, b))}"]
         rows.append(row)
+    row = ["mean score*", _fmt(first.mean_score)]  # the headline number per stage
+    for s in stages[1:]:
+        row += [_fmt(results[s].mean_score), _pts(_diff(first.mean_score, results[s].mean_score))]
+    rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    limit = "all items" if first.limit is None else f"first {first.limit} items per task"
+    note = f"* acc_norm, acc where a task has none; {first.split} split, {limit}, "
+    note += f"{first.num_fewshot}-shot"
+    if len(stages) > 1:
+        note += f"; drop = {stages[0]} minus the stage (positive = lost)"
+    lines.append(note)
+    return "\n".join(lines)
 
 
 __all__ = [
+    "SUITE",
     "TaskScore",
+    "TaskSelection",
     "ZeroShotResult",
     "evaluate_zeroshot",
     "format_zeroshot_table",
     "parse_tasks",
+    "prepare_tasks",
     "require_lm_eval",
     "task_manager",
+    "zeroshot_drop",
 ]

@@ -11,6 +11,9 @@ layer's tensors by them (see ``gguf_layout``):
 * ``openelm`` for Qwen3 (tied embeddings, no biases): fused QKV, per-head q/k RMSNorm,
   NEOX RoPE (no reordering).
 
+Gemma (2, 3) and Phi-3 are refused with the reason: llama.cpp's graphs for them build every
+layer at layer 0's sizes (``gguf_layout.REFUSED_FAMILIES``).
+
 Attention-free or MLP-free layers that the graph cannot skip are written as zero-output
 blocks (``gguf_layout``). The tokenizer goes along (``gguf_tokenizer``).
 
@@ -20,7 +23,6 @@ of 32 fall back to f16). Norms, biases and ``rope_freqs`` always stay f32.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -36,6 +38,7 @@ from gqa_prune.export.gguf_rope import rope_settings
 from gqa_prune.export.gguf_tensors import encode, tensor_plan
 from gqa_prune.export.gguf_tokenizer import read_tokenizer
 from gqa_prune.export.hf_weights import CheckpointWeights
+from gqa_prune.models.source_checks import check_weight_files, read_config
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +108,18 @@ def export_gguf(
 
     Raises:
         GQAPruneError: an existing output without ``overwrite``, an unknown ``outtype``, or a
-            checkpoint llama.cpp cannot represent (the message says what).
+            checkpoint llama.cpp cannot represent (the message says what; Gemma and Phi-3
+            are refused by family, ``gguf_layout.REFUSED_FAMILIES``).
     """
     src, out = Path(checkpoint_dir), Path(out_path)
     if outtype not in OUTTYPES:
         raise GQAPruneError(f"--outtype '{outtype}' is not one of {', '.join(OUTTYPES)}")
     if out.exists() and not overwrite:
         raise GQAPruneError(f"{out} already exists; pass --overwrite to replace it")
-    try:
-        config = json.loads((src / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise GQAPruneError(f"{src} is not a model folder (no readable config.json)") from exc
+    if not (src / "config.json").is_file():
+        raise GQAPruneError(f"{src} is not a model folder (no readable config.json)")
+    config = read_config(src)  # damaged files: one line naming the file
+    check_weight_files(src)
     weights = CheckpointWeights(src)
     arch = export_arch(config, weights)
     layout = layer_layout(config, weights, arch)

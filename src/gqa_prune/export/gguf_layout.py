@@ -32,6 +32,26 @@ ARCH_OF_FAMILY: dict[str, Arch] = {
     "qwen3": "openelm",
 }
 
+# Families gqa-prune prunes but cannot export, and why (checked in the llama.cpp vendored in
+# llama-cpp-python 0.3.36: src/models/gemma2.cpp, gemma3.cpp and phi3.cpp create every
+# layer's tensors with ``n_head`` / ``n_head_kv`` / ``n_ff`` = ``hparams.n_head()`` etc., whose
+# layer index defaults to 0, where deci.cpp reads ``hparams.n_head(i)`` per layer; gemma4.cpp
+# is per-layer but applies a weightless ``ggml_rms_norm`` to V, which Gemma 2/3 do not have).
+_LAYER0 = "builds every layer with layer 0's head counts and MLP width"
+_GEMMA_WHY = (
+    f"llama.cpp's gemma/gemma2/gemma3 graphs {_LAYER0}, so a model with per-layer heads or "
+    "widths cannot be loaded (its per-layer gemma4 graph RMS-normalises V, which Gemma 2/3 "
+    "do not)"
+)
+REFUSED_FAMILIES: dict[str, str] = {
+    "gemma": _GEMMA_WHY,
+    "gemma2": _GEMMA_WHY,
+    "gemma3": _GEMMA_WHY,
+    "gemma3_text": _GEMMA_WHY,
+    "phi3": f"llama.cpp's phi3 graph {_LAYER0}, and this export does not split Phi-3's fused "
+    "qkv_proj / gate_up_proj into the per-layer deci layout",
+}
+
 
 @dataclass(frozen=True)
 class LayerLayout:
@@ -57,11 +77,17 @@ def export_arch(config: dict[str, Any], weights: CheckpointWeights) -> Arch:
     """The llama.cpp architecture for this checkpoint, or why there is none.
 
     Raises:
-        GQAPruneError: an unknown family, a non-SiLU MLP, partial rotary embeddings, or a
-            Qwen3 checkpoint the ``openelm`` graph cannot hold (untied output, biases).
+        GQAPruneError: an unknown or refused family (Gemma, Phi-3), a non-SiLU MLP, partial
+            rotary embeddings, or a Qwen3 checkpoint the ``openelm`` graph cannot hold
+            (untied output, biases).
     """
     model_type = str(config.get("model_type", ""))
     family = model_type.removeprefix("gqa_pruned_")
+    if family in REFUSED_FAMILIES:
+        raise GQAPruneError(
+            f"model_type '{model_type}' cannot be exported to GGUF: {REFUSED_FAMILIES[family]}; "
+            f"exportable families: {', '.join(ARCH_OF_FAMILY)}"
+        )
     if family not in ARCH_OF_FAMILY:
         raise GQAPruneError(
             f"model_type '{model_type}' cannot be exported to GGUF; supported families: "

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from gqa_prune.errors import GQAPruneError
-from gqa_prune.models.geometry import GQAGeometry, heads_from_config
+from gqa_prune.models.fused import SplitLinear
+from gqa_prune.models.geometry import GQAGeometry, count_params, heads_from_config
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,14 @@ class ArchitectureAdapter:
         family: short family name (``llama``, ``qwen2`` ...).
         pruned_model_type: ``model_type`` written into a pruned checkpoint's config.
         pruned_class: class name in the shipped modeling file for that family.
-        q_bias: q/k/v projections carry biases by construction (Qwen2).
+        final_logit_softcap_field: config field of the final-logit soft-cap ``c``, applied by
+            the model as ``logits = c * tanh(logits / c)`` (Gemma 2/3); None = no such field.
+        fused_qkv / fused_gate_up: a projection holding the q/k/v (gate/up) rows stacked
+            (Phi-3's ``qkv_proj`` / ``gate_up_proj``). On first access it is split into a
+            :class:`~gqa_prune.models.fused.SplitLinear` whose parts ``q_name`` & co. name
+            (``qkv_proj.q_proj``); it computes the same and saves fused. None = not fused.
+        attention_heads_from_config: the attention forward reads its query-head count from
+            ``config.num_attention_heads`` (Phi-3), so a sliced block gets its own config view.
     """
 
     family: str
@@ -42,15 +50,33 @@ class ArchitectureAdapter:
     gate_name: str = "gate_proj"
     up_name: str = "up_proj"
     down_name: str = "down_proj"
+    final_logit_softcap_field: str | None = None
+    fused_qkv: str | None = None
+    fused_gate_up: str | None = None
+    attention_heads_from_config: bool = False
 
     # ----------------------------------------------------------------- access
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        """The decoder layer list (``model.model.layers`` for Llama-like models)."""
-        return self._path(model, self.layers_attr)
+        """The decoder layer list (``model.model.layers`` for Llama-like models).
+
+        Fused projections of every layer are split first (:meth:`split_fused_`).
+        """
+        layers = self._path(model, self.layers_attr)
+        if self.fused_qkv or self.fused_gate_up:
+            for layer in layers:
+                self.split_fused_(layer)
+        return layers
 
     def final_norm(self, model: nn.Module) -> nn.Module:
         """The norm applied after the last decoder layer (``model.model.norm``)."""
         return self._path(model, self.final_norm_attr)
+
+    def final_logit_softcap(self, model: nn.Module) -> float | None:
+        """The ``c`` of ``logits = c * tanh(logits / c)`` after the LM head; None = none."""
+        if self.final_logit_softcap_field is None:
+            return None
+        cap = getattr(getattr(model, "config", None), self.final_logit_softcap_field, None)
+        return float(cap) if cap else None
 
     def _path(self, model: nn.Module, path: str) -> Any:
         obj: Any = model
@@ -81,6 +107,7 @@ class ArchitectureAdapter:
                 f"the attention block of this {type(layer).__name__} was removed by pruning; "
                 "it has no q/k/v/o projections"
             )
+        self.split_fused_(layer)
         return tuple(
             self._linear(attn, n) for n in (self.q_name, self.k_name, self.v_name, self.o_name)
         )
@@ -88,7 +115,46 @@ class ArchitectureAdapter:
     def mlp_projections(self, layer: nn.Module) -> tuple[nn.Linear, ...]:
         """``(gate_proj, up_proj, down_proj)`` of one decoder layer."""
         mlp = self.mlp(layer)
+        self.split_fused_(layer)
         return tuple(self._linear(mlp, n) for n in (self.gate_name, self.up_name, self.down_name))
+
+    def split_fused_(self, layer: nn.Module) -> None:
+        """Split the layer's fused projections into their parts, in place (idempotent).
+
+        ``qkv_proj`` rows are ``[q (n_q*d); k (n_kv*d); v (n_kv*d)]`` with ``n_kv`` and ``d``
+        read from the attention block (per layer in a pruned model); ``gate_up_proj`` rows
+        are two equal halves ``[gate; up]``. A no-op for families without fused projections.
+        """
+        attn: Any = getattr(layer, self.attn_attr, None)
+        if self.fused_qkv and isinstance(getattr(attn, self.fused_qkv, None), nn.Linear):
+            kv = int(attn.num_key_value_heads) * int(attn.head_dim)
+            q = getattr(attn, self.fused_qkv).out_features - 2 * kv
+            self._split_(attn, self.fused_qkv, (self.q_name, self.k_name, self.v_name), (q, kv, kv))
+        mlp: Any = getattr(layer, self.mlp_attr, None)
+        if self.fused_gate_up and isinstance(getattr(mlp, self.fused_gate_up, None), nn.Linear):
+            half = getattr(mlp, self.fused_gate_up).out_features // 2
+            self._split_(mlp, self.fused_gate_up, (self.gate_name, self.up_name), (half, half))
+
+    def _split_(
+        self, block: nn.Module, fused: str, names: tuple[str, ...], rows: tuple[int, ...]
+    ) -> None:
+        parts = {n.rpartition(".")[2]: r for n, r in zip(names, rows, strict=True)}
+        try:
+            setattr(block, fused, SplitLinear.split(getattr(block, fused), parts))
+        except ValueError as exc:
+            raise GQAPruneError(f"cannot split {self.family}'s {fused}: {exc}") from exc
+
+    def set_head_counts_(self, attn: Any, n_q: int, n_kv: int) -> None:
+        """Record a sliced attention block's head counts where its forward reads them."""
+        for name in ("num_heads", "num_attention_heads"):
+            if isinstance(getattr(attn, name, None), int):
+                setattr(attn, name, n_q)
+        if isinstance(getattr(attn, "num_key_value_heads", None), int):
+            attn.num_key_value_heads = n_kv
+        if self.attention_heads_from_config:
+            from gqa_prune.models.remote.modeling_gqa_pruned import LayerAttentionConfig
+
+            attn.config = LayerAttentionConfig(attn.config, n_q, n_kv)
 
     def has_attention(self, layer: nn.Module) -> bool:
         """False when the layer's attention block was removed entirely by pruning."""
@@ -135,7 +201,9 @@ class ArchitectureAdapter:
         return child
 
     def _linear(self, module: nn.Module, name: str) -> nn.Linear:
-        proj = getattr(module, name, None)
+        proj: Any = module
+        for part in name.split("."):  # a dotted name reaches a part of a fused projection
+            proj = getattr(proj, part, None)
         if not isinstance(proj, nn.Linear):
             raise GQAPruneError(
                 f"{type(module).__name__} has no linear projection '{name}' (GQA pruning "
@@ -168,7 +236,7 @@ class ArchitectureAdapter:
             kv_heads.append(k.out_features // head_dim)
             q_bias |= q.bias is not None
             o_bias |= o.bias is not None
-        total = sum(p.numel() for p in model.parameters())  # tied weights count once
+        total, embedding = count_params(model)  # tied weights count once
         return GQAGeometry(
             num_layers=len(layers),
             hidden_size=int(config.hidden_size),
@@ -180,6 +248,7 @@ class ArchitectureAdapter:
             o_bias=o_bias,
             mlp_bias=mlp_bias,
             total_params=total,
+            embedding_params=embedding,
         )
 
 
@@ -188,13 +257,14 @@ def is_removed_attention(module: nn.Module) -> bool:
     return bool(getattr(module, "is_removed_attention", False))
 
 
-def _family(name: str) -> ArchitectureAdapter:
+def _family(name: str, **fields: Any) -> ArchitectureAdapter:
     cls = name.capitalize()
     return ArchitectureAdapter(
         family=name,
         pruned_model_type=f"gqa_pruned_{name}",
         pruned_class=f"Pruned{cls}ForCausalLM",
         pruned_config_class=f"Pruned{cls}Config",
+        **fields,
     )
 
 
@@ -203,6 +273,29 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {}
 for _name in ("llama", "mistral", "qwen2", "qwen3"):
     ADAPTERS[_name] = _family(_name)
     ADAPTERS[f"gqa_pruned_{_name}"] = ADAPTERS[_name]
+# Gemma 2 / Gemma 3 text (Gemma3ForCausalLM, model_type "gemma3_text", also what a Gemma 3
+# GGUF loads as): same module names as Llama. Sandwich norms (post_attention_layernorm /
+# post_feedforward_layernorm run on o_proj / down_proj outputs before the residual add),
+# q/k norms per head (Gemma 3) and attention soft-capping (Gemma 2) all act per head or
+# after the projections, so slicing whole groups and channels is unchanged; only the final
+# soft-cap sits outside the modules that layer importance runs.
+for _model_type, _name in (("gemma2", "gemma2"), ("gemma3_text", "gemma3")):
+    ADAPTERS[_model_type] = _family(_name, final_logit_softcap_field="final_logit_softcapping")
+    ADAPTERS[f"gqa_pruned_{_name}"] = ADAPTERS[_model_type]
+# Phi-3 / Phi-4-mini (Phi3ForCausalLM): Llama-like, but q/k/v rows are stacked in one
+# qkv_proj and gate/up rows in one gate_up_proj, and the attention splits its fused output
+# at config.num_attention_heads * head_dim (a global count, hence per-layer config views).
+ADAPTERS["phi3"] = ADAPTERS["gqa_pruned_phi3"] = _family(
+    "phi3",
+    fused_qkv="qkv_proj",
+    q_name="qkv_proj.q_proj",
+    k_name="qkv_proj.k_proj",
+    v_name="qkv_proj.v_proj",
+    fused_gate_up="gate_up_proj",
+    gate_name="gate_up_proj.gate_proj",
+    up_name="gate_up_proj.up_proj",
+    attention_heads_from_config=True,
+)
 
 
 def supported_families() -> str:

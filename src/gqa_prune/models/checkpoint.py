@@ -10,18 +10,17 @@ modeling files from ``gqa_prune/models/remote`` (which import only transformers)
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.io_utils import atomic_directory, write_json_atomic
-from gqa_prune.models import remote
+from gqa_prune.models import remote, source_checks
 from gqa_prune.models.adapters import get_adapter
+from gqa_prune.models.geometry import update_config_
 from gqa_prune.models.loading import resolve_device, resolve_dtype
 from gqa_prune.models.remote import modeling_gqa_pruned
-from gqa_prune.slicing import update_config_
 
 REMOTE_FILES = ("configuration_gqa_pruned.py", "modeling_gqa_pruned.py")
 
@@ -77,28 +76,28 @@ def load_pruned(path: str | Path, dtype: str = "auto", device: str = "auto") -> 
     Returns:
         ``(model, tokenizer)``; the tokenizer is None if the folder has none.
     """
-    from transformers import AutoTokenizer
-
     path = Path(path)
-    try:
-        data = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise GQAPruneError(
-            f"{path} is not a gqa-prune checkpoint (no readable config.json)"
-        ) from exc
+    data = source_checks.read_config(path)
     model_type = data.get("model_type", "")
     if not str(model_type).startswith("gqa_pruned_"):
         raise GQAPruneError(
             f"{path} has model_type '{model_type}', not a gqa-prune checkpoint; load it with "
             "load_model instead"
         )
+    source_checks.check_per_layer_lists(path, data)
+    source_checks.check_weight_files(path)
     adapter = get_adapter(str(model_type))
     cls = getattr(modeling_gqa_pruned, adapter.pruned_class)
     dev = resolve_device(device)
-    model = cls.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
-    try:
+    model, info = cls.from_pretrained(
+        path,
+        dtype=resolve_dtype(dtype, dev),
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,  # reported in `info`, refused with the tensor's name
+    )
+    source_checks.check_loading_info(path, info)
+    tokenizer = None
+    if any((path / name).is_file() for name in source_checks.TOKENIZER_FILES):
         # the tokenizer needs no model code: never ask about the shipped modeling files
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer
+        tokenizer = source_checks.load_tokenizer(path, trust_remote_code=False)
+    return model.to(dev).eval(), tokenizer

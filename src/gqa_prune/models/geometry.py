@@ -32,6 +32,8 @@ class GQAGeometry:
         o_bias: o_proj carries a bias.
         mlp_bias: gate/up/down carry biases.
         total_params: all parameters of the model (embeddings included, tied ones once).
+        embedding_params: the input embedding plus an untied LM head (a tied one counts
+            once, as embedding); the rest of ``total_params`` is the transformer body.
     """
 
     num_layers: int
@@ -44,6 +46,7 @@ class GQAGeometry:
     o_bias: bool = False
     mlp_bias: bool = False
     total_params: int = 0
+    embedding_params: int = 0
 
     @property
     def q_heads(self) -> tuple[int, ...]:
@@ -80,6 +83,39 @@ class GQAGeometry:
         """Attention + MLP parameters that pruning can remove."""
         return sum(self.attention_params(i) + self.mlp_params(i) for i in range(self.num_layers))
 
+    @property
+    def non_embedding_params(self) -> int:
+        """Parameters of the transformer body (attention, MLP, norms): total - embedding."""
+        return self.total_params - self.embedding_params
+
+    def basis_params(self, basis: str) -> int:
+        """The parameter count a pruning ratio is measured on.
+
+        Args:
+            basis: ``total`` (every parameter) or ``non_embedding`` (the transformer body).
+        """
+        if basis == "total":
+            return self.total_params
+        if basis == "non_embedding":
+            return self.non_embedding_params
+        raise GQAPruneError(f"unknown ratio basis '{basis}'; choose total or non_embedding")
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    """``(total, embedding)`` parameter counts of a Hugging Face causal LM.
+
+    Embedding = the parameters of ``get_input_embeddings()`` and ``get_output_embeddings()``
+    (the LM head); a tied head shares its weight with the input embedding and counts once.
+    Works on meta/offloaded parameters too (only shapes are read).
+    """
+    total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
+    embedding: dict[int, int] = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None:
+            embedding.update((id(p), p.numel()) for p in module.parameters())
+    return total, sum(embedding.values())
+
 
 def _get(config: Any, name: str) -> Any:
     value = getattr(config, name, None)
@@ -106,3 +142,14 @@ def heads_from_config(config: Any) -> tuple[int, int, int]:
         )
     head_dim = int(getattr(config, "head_dim", None) or hidden // n_q)
     return n_q, n_kv, head_dim
+
+
+def update_config_(config: object, geometry: GQAGeometry) -> None:
+    """Write per-layer head counts and MLP sizes (and an explicit head_dim) into a config.
+
+    These are the fields the shipped modeling code reads to rebuild a pruned model
+    (``layer_num_key_value_heads``, ``layer_intermediate_sizes``, ``head_dim``).
+    """
+    config.head_dim = geometry.head_dim  # type: ignore[attr-defined]
+    config.layer_num_key_value_heads = list(geometry.kv_heads)  # type: ignore[attr-defined]
+    config.layer_intermediate_sizes = list(geometry.intermediate_sizes)  # type: ignore[attr-defined]

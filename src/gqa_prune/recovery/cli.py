@@ -223,7 +223,7 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from accelerate import PartialState  # type: ignore[import-untyped]
 
-    from gqa_prune.data import load_text, tokenize_text
+    from gqa_prune.data import bos_prefix, load_text, tokenize_text
     from gqa_prune.evaluation.perplexity import evaluate_perplexity
     from gqa_prune.io_utils import write_json_atomic
     from gqa_prune.models.checkpoint import load_pruned, save_pruned
@@ -258,7 +258,12 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
         if args.test_after_finetune:
             tokens = tokenize_text(tokenizer, load_text(args.eval_dataset, "eval", args.data_dir))
             ppl = evaluate_perplexity(
-                model, tokens, args.eval_seq_len, args.eval_max_windows, dataset=args.eval_dataset
+                model,
+                tokens,
+                args.eval_seq_len,
+                args.eval_max_windows,
+                dataset=args.eval_dataset,
+                bos_token_id=bos_prefix(tokenizer),
             )
             record["perplexity_after_finetune"] = ppl.to_dict()
         record["loss_history"] = result.loss_history

@@ -15,13 +15,17 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from gqa_prune.data import load_text, tokenize_text
+from gqa_prune.data import load_text, tokenize_text, with_bos
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.recovery.config import FinetuneConfig
 
 
 def pack_tokens(
-    tokens: torch.Tensor, seq_len: int, num_sequences: int | None = None, seed: int = 0
+    tokens: torch.Tensor,
+    seq_len: int,
+    num_sequences: int | None = None,
+    seed: int = 0,
+    bos_token_id: int | None = None,
 ) -> torch.Tensor:
     """Cut a 1-D token stream into shuffled, full windows of ``seq_len`` tokens.
 
@@ -30,9 +34,12 @@ def pack_tokens(
         seq_len: tokens per window.
         num_sequences: keep at most this many windows (after the shuffle); None = all.
         seed: seed of the shuffle.
+        bos_token_id: start every window with it, followed by ``seq_len - 1`` stream
+            tokens (:func:`gqa_prune.data.bos_prefix`); None = plain windows.
 
     Returns:
-        ``(n, seq_len)`` long tensor, ``n = min(num_sequences, len(tokens) // seq_len)``.
+        ``(n, seq_len)`` long tensor, ``n = min(num_sequences, len(tokens) // span)`` with
+        ``span = seq_len`` (``seq_len - 1`` with a BOS).
 
     Raises:
         GQAPruneError: the stream is shorter than one window.
@@ -41,13 +48,14 @@ def pack_tokens(
         raise GQAPruneError(
             f"pack_tokens needs a 1-D token stream, got shape {tuple(tokens.shape)}"
         )
-    n_full = tokens.numel() // seq_len
+    span = seq_len - (bos_token_id is not None)
+    n_full = tokens.numel() // span
     if n_full == 0:
         raise GQAPruneError(
             f"the fine-tuning text has {tokens.numel()} tokens, fewer than one sequence of "
             f"--finetune_seq_len {seq_len}; use a longer text or a shorter --finetune_seq_len"
         )
-    windows = tokens[: n_full * seq_len].view(n_full, seq_len)
+    windows = with_bos(tokens[: n_full * span].view(n_full, span), bos_token_id)
     order = torch.randperm(n_full, generator=torch.Generator().manual_seed(seed))
     if num_sequences is not None:
         order = order[:num_sequences]
@@ -82,6 +90,10 @@ def finetune_tokens(tokenizer: Any, config: FinetuneConfig) -> torch.Tensor:
     return tokenize_text(tokenizer, text)
 
 
-def build_dataset(tokens: torch.Tensor, config: FinetuneConfig) -> PackedDataset:
+def build_dataset(
+    tokens: torch.Tensor, config: FinetuneConfig, bos_token_id: int | None = None
+) -> PackedDataset:
     """Packed training set of ``config.num_sequences`` windows (seeded)."""
-    return PackedDataset(pack_tokens(tokens, config.seq_len, config.num_sequences, config.seed))
+    return PackedDataset(
+        pack_tokens(tokens, config.seq_len, config.num_sequences, config.seed, bos_token_id)
+    )

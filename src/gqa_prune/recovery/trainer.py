@@ -25,6 +25,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from gqa_prune.data import bos_prefix
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.recovery.config import FinetuneConfig, FinetuneResult
 from gqa_prune.recovery.data import PackedDataset, build_dataset, finetune_tokens
@@ -212,7 +213,7 @@ def finetune_(
         if tokens is None:
             tokens = finetune_tokens(tokenizer, config)
         check_finetune_inputs(model, config, tokens, teacher)
-        dataset = build_dataset(tokens, config)
+        dataset = build_dataset(tokens, config, bos_prefix(tokenizer))
     else:
         check_finetune_inputs(model, config, dataset.sequences.reshape(-1), teacher)
     device = next(model.parameters()).device

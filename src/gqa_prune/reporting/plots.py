@@ -50,7 +50,8 @@ def plot_pruning_strategy(
         100 * allocation.target_ratio,
         color="tab:red",
         lw=0.8,
-        label=f"target {100 * allocation.target_ratio:.1f}% of total",
+        label=f"target {100 * allocation.target_ratio:.1f}% of "
+        f"{allocation.pruning_ratio_basis.replace('_', '-')} params",
     )
     ax_rate.set_xlabel("layer")
     ax_rate.set_ylabel("removed (%)")

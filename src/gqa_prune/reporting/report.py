@@ -26,7 +26,7 @@ REPORT_FILE = "report.html"
 FIGURES = {
     "pruning_strategy.png": "Pruning strategy: layer importance and per-layer rates",
     "finetune_loss.png": "Recovery fine-tuning loss",
-    "search_distributions.png": "Attention:MLP split search (validation perplexity)",
+    "search_distributions.png": "Attention:MLP split search (ranked on validation data)",
 }
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;background:#fafafa;color:#222}
@@ -129,12 +129,23 @@ def _importance_png(scores: Sequence[float], method: str) -> bytes:
     return buf.getvalue()
 
 
+def _removed(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """Removed share of all and of the non-embedding parameters; the target on its basis."""
+    basis = s.get("pruning_ratio_basis", "total")
+    rows = []
+    for key, label in (("total", "removed (total)"), ("non_embedding", "removed (non-embedding)")):
+        if s.get(f"actual_ratio_{key}") is not None:
+            target = f" (target {_pct(s['target_ratio'])})" if key == basis else ""
+            rows.append((label, f"{_pct(s[f'actual_ratio_{key}'])}{target}"))
+    return rows
+
+
 def _overview(s: dict[str, Any]) -> str:
     rows = [
         ("base model", s.get("base_model", "")),
         ("parameters before", f"{s['params_before']:,}"),
         ("parameters after", f"{s['params_after']:,}"),
-        ("removed (total)", f"{_pct(s['actual_ratio_total'])} (target {_pct(s['target_ratio'])})"),
+        *_removed(s),
         ("removed (attention+MLP)", _pct(s.get("actual_ratio_attention_mlp"))),
         ("KV heads removed", _pct(s.get("attention_ratio"))),
         ("MLP channels removed", _pct(s.get("mlp_ratio"))),
@@ -160,29 +171,56 @@ def _perplexity(ppl: dict[str, Any]) -> str:
     return _table(["stage", "perplexity", "dataset", "seq_len", "tokens"], rows, "perplexity")
 
 
+def _drop(before: float | None, after: float | None) -> str:
+    return "n/a" if before is None or after is None else f"{100 * (before - after):+.1f}"
+
+
 def _zeroshot(zs: dict[str, Any]) -> str:
+    """Per task and stage acc / acc_norm, the drop from the first stage (dense) in points,
+    the means and a bar chart."""
+    from gqa_prune.reporting.zeroshot_plots import zeroshot_bars_png
+
     stages = list(zs)
     names: list[str] = []
     for r in zs.values():
         names += [n for n in r["tasks"] if n not in names]
     header = ["task"] + [f"{s} {m}" for s in stages for m in ("acc", "acc_norm")]
+    header += [f"{s} drop acc / acc_norm (pts)" for s in stages[1:]]
+
+    def pair(stage: str, n: str) -> tuple[float | None, float | None]:
+        if n == "mean":
+            return zs[stage].get("mean_acc"), zs[stage].get("mean_acc_norm")
+        if n == "score":  # the headline: acc_norm where a task has it, else acc
+            return None, zs[stage].get("mean_score")
+        t = zs[stage]["tasks"].get(n, {})
+        return t.get("acc"), t.get("acc_norm")
+
     rows = []
-    for n in names:
-        row = [n]
+    for n in [*names, "mean", "score"]:
+        row = ["mean (acc_norm, else acc)" if n == "score" else n]
         for s in stages:
-            t = zs[s]["tasks"].get(n, {})
-            row += [_num(t.get("acc")), _num(t.get("acc_norm"))]
+            a, b = pair(s, n)
+            row += ["" if n == "score" else _num(a), _num(b)]
+        a0, b0 = pair(stages[0], n)
+        for s in stages[1:]:
+            a, b = pair(s, n)
+            row.append(_drop(b0, b) if n == "score" else f"{_drop(a0, a)} / {_drop(b0, b)}")
         rows.append(row)
-    mean = ["mean"]
-    for s in stages:
-        mean += [_num(zs[s].get("mean_acc")), _num(zs[s].get("mean_acc_norm"))]
-    rows.append(mean)
     first = zs[stages[0]]
+    sources = sorted({str(v).split(" ", 1)[0] for v in first.get("sources", {}).values()})
     note = (
         f'<p class="muted">lm-evaluation-harness {_e(first.get("lm_eval_version", "?"))}, '
-        f"{_e(first.get('num_fewshot', 0))}-shot, limit {_e(first.get('limit'))}</p>"
+        f"{_e(first.get('num_fewshot', 0))}-shot, {_e(first.get('split', 'test'))} split, "
+        f"limit {_e(first.get('limit'))} (the first items of each task), data: "
+        f"{_e(', '.join(sources) or 'n/a')}; drop = first stage minus this stage, in "
+        "accuracy points (positive = lost)</p>"
     )
-    return _table(header, rows, "zeroshot") + note
+    chart = _img(
+        zeroshot_bars_png(zs),
+        "zero-shot accuracy per task",
+        "Zero-shot accuracy per task (acc_norm, else acc): " + " vs ".join(stages),
+    )
+    return _table(header, rows, "zeroshot") + note + chart
 
 
 def _efficiency(eff: dict[str, Any]) -> str:

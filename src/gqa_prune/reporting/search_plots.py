@@ -5,44 +5,65 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from gqa_prune.evaluation.search import SearchResult
 from gqa_prune.reporting.plots import _save_atomic, plt
+from gqa_prune.search import SearchResult
+
+
+def _ranking_line(result: SearchResult) -> str:
+    """Which data ranked the splits: always validation data, never reported test items."""
+    v = result.validation
+    ppl = (
+        f"dense validation ppl {result.dense_ppl:.3f} ({v['num_tokens']:,} held-out tokens of "
+        f"{v['dataset'] or 'the calibration text'})"
+    )
+    zs = result.zeroshot_validation
+    if result.rank_by != "zeroshot" or zs is None:
+        return f"{ppl}; ranked by validation perplexity; best split {result.best_candidate.label}"
+    limit = "all items" if zs["limit"] is None else f"first {zs['limit']} items each"
+    dense = "n/a" if result.dense_zeroshot is None else f"{result.dense_zeroshot:.4f}"
+    return (
+        f"{ppl}; dense validation zero-shot {dense}\nranked by zero-shot accuracy on the "
+        f"VALIDATION split of {','.join(zs['tasks'])} ({limit}; {zs['score']}), never test "
+        f"items; best split {result.best_candidate.label}"
+    )
 
 
 def format_search_table(result: SearchResult) -> str:
     """Text table of the candidates; the best is marked with ``*``."""
-    rows = [
-        ["split a:m", "attention share", "removed", "attn removed", "MLP removed", "val ppl", ""]
-    ]
+    zs = result.rank_by == "zeroshot"
+    header = ["split a:m", "attention share", "removed", "attn removed", "MLP removed", "val ppl"]
+    rows = [header + (["val zero-shot"] if zs else []) + [""]]
     for i, c in enumerate(result.candidates):
         if c.ppl is None:
-            rows.append([c.label, f"{c.attention_share:.2f}", "-", "-", "-", "infeasible", ""])
+            cells = [c.label, f"{c.attention_share:.2f}", "-", "-", "-", "infeasible"]
+            rows.append(cells + (["-"] if zs else []) + [""])
             continue
-        rows.append(
-            [
-                c.label,
-                f"{c.attention_share:.2f}",
-                f"{100 * (c.achieved_ratio or 0):.2f}%",
-                f"{100 * (c.attention_ratio or 0):.1f}%",
-                f"{100 * (c.mlp_ratio or 0):.1f}%",
-                f"{c.ppl:.3f}",
-                "*" if i == result.best else "",
-            ]
-        )
+        cells = [
+            c.label,
+            f"{c.attention_share:.2f}",
+            f"{100 * (c.achieved_ratio or 0):.2f}%",
+            f"{100 * (c.attention_ratio or 0):.1f}%",
+            f"{100 * (c.mlp_ratio or 0):.1f}%",
+            f"{c.ppl:.3f}",
+        ]
+        if zs:
+            cells.append("n/a" if c.zeroshot is None else f"{c.zeroshot:.4f}")
+        rows.append(cells + ["*" if i == result.best else ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    v = result.validation
-    lines.append(
-        f"dense validation ppl {result.dense_ppl:.3f} ({v['num_tokens']:,} held-out tokens of "
-        f"{v['dataset'] or 'the calibration text'}); best split {result.best_candidate.label}"
-    )
+    lines.append(_ranking_line(result))
     return "\n".join(lines)
 
 
 def plot_search(path: str | Path, result: SearchResult, title: str = "") -> Path:
-    """Validation perplexity against the attention share of the removed parameters."""
+    """The ranking metric (validation perplexity or zero-shot score) against the attention
+    share of the removed parameters."""
     path = Path(path)
-    points = [(c.attention_share, c.ppl, c.label) for c in result.candidates if c.ppl is not None]
+    zs = result.rank_by == "zeroshot"
+    value = (lambda c: c.zeroshot) if zs else (lambda c: c.ppl)
+    points = [
+        (c.attention_share, value(c), c.label) for c in result.candidates if value(c) is not None
+    ]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-", label="pruned")
     for x, y, label in points:
@@ -50,10 +71,16 @@ def plot_search(path: str | Path, result: SearchResult, title: str = "") -> Path
             label, (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
         )
     best = result.best_candidate
-    ax.plot([best.attention_share], [best.ppl or math.nan], "r*", ms=14, label=f"best {best.label}")
-    ax.axhline(result.dense_ppl, color="tab:gray", ls="--", lw=0.8, label="dense")
+    ax.plot(
+        [best.attention_share], [value(best) or math.nan], "r*", ms=14, label=f"best {best.label}"
+    )
+    dense = result.dense_zeroshot if zs else result.dense_ppl
+    if dense is not None:
+        ax.axhline(dense, color="tab:gray", ls="--", lw=0.8, label="dense")
     ax.set_xlabel("attention share of the removed parameters  a / (a + m)")
-    ax.set_ylabel("validation perplexity")
+    ax.set_ylabel(
+        "validation zero-shot score (acc_norm, else acc)" if zs else "validation perplexity"
+    )
     ax.set_title(title or f"split search at {100 * result.pruning_ratio:.0f}% pruning")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)

@@ -10,6 +10,7 @@ layer fetched at a time; the pruned layer is parked again (its file rewritten wi
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gqa_prune.compensation.selection import check_selection
 from gqa_prune.compensation.sequential import (
     DEFAULT_DAMP,
     add_output_biases_,
@@ -80,7 +82,29 @@ def streaming_apply_plan_(
     Returns:
         The geometry of the pruned model.
     """
+    return streaming_prune_sequential_(
+        streamer, plan, calibration_ids, compensation, damp, batch_size, progress
+    )[1]
+
+
+@torch.no_grad()
+def streaming_prune_sequential_(
+    streamer: LayerStreamer,
+    plan: PruningPlan,
+    calibration_ids: torch.Tensor | None,
+    compensation: str = "lstsq",
+    damp: float = DEFAULT_DAMP,
+    batch_size: int = 8,
+    progress: bool = False,
+    selection: str = "score",
+) -> tuple[PruningPlan, GQAGeometry]:
+    """:func:`gqa_prune.compensation.prune_sequential_` with one layer on the device.
+
+    Returns:
+        ``(plan, geometry)``: the plan that was really applied, and the pruned geometry.
+    """
     check_compensation(compensation, damp)
+    check_selection(selection, compensation)
     adapter, model = streamer.adapter, streamer.model
     by_layer = {lp.layer_idx: lp for lp in plan.layers}
     if sorted(by_layer) != list(range(streamer.num_layers)):
@@ -93,8 +117,10 @@ def streaming_apply_plan_(
         calibration_ids = check_calibration_ids(compensation, calibration_ids, batch_size)
         states, calls = streamer.capture(list(calibration_ids.split(batch_size)))
     n = streamer.num_layers
+    applied = []
     for i in tqdm(range(n), desc=f"compensation {compensation} (streaming)", disable=not progress):
         lp = by_layer[i]
+        applied.append(lp)
         with streamer.layer(i, changed=True) as layer:
             if compensation == "none":
                 if attention_cut(layer, lp, plan, adapter):
@@ -107,11 +133,15 @@ def streaming_apply_plan_(
             if compensation == "bias":
                 add_output_biases_(_one_layer_model(streamer, layer), adapter)
             view = _OnDevice(states, streamer.device)
-            prune_layer_(layer, lp, plan, view, calls, adapter, compensation, damp)
+            layer_calls = [c.of(i) for c in calls]
+            applied[-1] = prune_layer_(
+                layer, lp, plan, view, layer_calls, adapter, compensation, damp, selection
+            )
             if i + 1 < n:
                 for b, call in enumerate(calls):
                     states[b] = streamer.run(layer, states[b], call).to(streamer.host)
+    plan = replace(plan, layers=tuple(applied))
     geometry = adapter.geometry(model)
     update_config_(model.config, geometry)
     check_pruned_model(model, plan)
-    return geometry
+    return plan, geometry

@@ -15,10 +15,11 @@ Taylor's backward) and runs *all* calibration batches through a layer while it i
 device, so each pass moves every layer's weights once.
 
 The arguments a model passes to its decoder layers (rotary position embeddings, causal
-mask, ...) are recorded from the model's own forward by a pre-hook on layer 0, which ends
-that forward before any layer runs (no layer weights are needed). They are replayed for
-every layer, which is exact when all layers are called alike; models that mix attention
-types (``config.layer_types`` with sliding-window layers) are refused.
+mask, ...) are recorded from the model's own forward with stand-ins in place of the decoder
+layers, which record their call and pass the hidden states through (no layer weights are
+needed); the last one ends that forward. Each layer is later replayed with its own call, so
+models that mix attention types (Gemma's sliding/full layers, each with its own mask and
+rotary tables) stream exactly as they run.
 """
 
 from __future__ import annotations
@@ -74,6 +75,37 @@ class StreamingConfig:
     @property
     def max_memory_bytes(self) -> int | None:
         return None if self.max_memory is None else parse_memory(self.max_memory)
+
+
+@dataclass(frozen=True)
+class LayerCalls:
+    """The recorded call of every decoder layer for one batch (``calls[layer]``).
+
+    Layers of one attention type share the same mask and rotary tensors, so this holds
+    references, not copies.
+    """
+
+    calls: tuple[LayerCall, ...]
+
+    def of(self, layer: int) -> LayerCall:
+        return self.calls[layer]
+
+
+class _CallRecorder(nn.Module):
+    """Stands in for one decoder layer while calls are recorded: records, passes through."""
+
+    def __init__(self, sink: list[LayerCall], states: list[torch.Tensor] | None, last: bool):
+        super().__init__()
+        self.sink, self.states, self.last = sink, states, last
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden, call = split_layer_args(args, kwargs)
+        self.sink.append(call)
+        if self.states is not None:
+            self.states.append(hidden.detach().to("cpu"))
+        if self.last:
+            raise StopForward
+        return hidden
 
 
 class _RamStore:
@@ -164,7 +196,7 @@ class LayerStreamer:
         self.layers = self.adapter.decoder_layers(model)
         self.device = resolve_device(self.config.device)
         self.max_memory = self.config.max_memory_bytes
-        check_uniform_layer_calls(model)
+        self._index = {id(layer): i for i, layer in enumerate(self.layers)}
         model.eval()
         self.store: _RamStore | _DiskStore
         if layer_files is not None:
@@ -195,15 +227,21 @@ class LayerStreamer:
         """The parked layers share the compute device's memory (CPU device, RAM store)."""
         return isinstance(self.store, _RamStore) and self.device.type == "cpu"
 
-    def _move_resident(self, device: torch.device) -> None:
-        """Move everything except the decoder layers (which are detached meanwhile)."""
+    @contextmanager
+    def _layers_replaced(self, stand_ins: nn.ModuleList) -> Iterator[None]:
+        """The model's decoder layer list is ``stand_ins`` inside the block."""
         parent_path, _, attr = self.adapter.layers_attr.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        setattr(parent, attr, nn.ModuleList())
+        setattr(parent, attr, stand_ins)
         try:
-            self.model.to(device)
+            yield
         finally:
             setattr(parent, attr, self.layers)
+
+    def _move_resident(self, device: torch.device) -> None:
+        """Move everything except the decoder layers (which are detached meanwhile)."""
+        with self._layers_replaced(nn.ModuleList()):
+            self.model.to(device)
 
     def resident_bytes(self) -> int:
         """Bytes of everything outside the decoder layers (kept on the device)."""
@@ -258,46 +296,48 @@ class LayerStreamer:
     # ------------------------------------------------------------------ running
     def capture(
         self, batches: Sequence[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[LayerCall]]:
-        """Hidden states entering layer 0 (on the host) and the layer call of every batch.
+    ) -> tuple[list[torch.Tensor], list[LayerCalls]]:
+        """Hidden states entering layer 0 (on the host) and every layer's call, per batch.
 
-        Runs the model's own forward up to layer 0's pre-hook: embeddings, mask and rotary
-        tables are built by the model itself, then the forward stops.
+        Runs the model's own forward with stand-ins for the decoder layers: embeddings,
+        masks and rotary tables are built by the model itself; the last stand-in stops it.
         """
+        n = self.num_layers
         states: list[torch.Tensor] = []
-        calls: list[LayerCall] = []
-
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden, call = split_layer_args(args, kwargs)
-            states.append(hidden.detach().to(self.host))
-            calls.append(call)
-            raise StopForward
-
-        handle = self.layers[0].register_forward_pre_hook(record, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    try:
-                        self.model(input_ids=batch.to(self.device), use_cache=False)
-                    except StopForward:
-                        pass
-        finally:
-            handle.remove()
-        if len(states) != len(batches):
+        sinks: list[list[LayerCall]] = [[] for _ in range(n)]
+        stand_ins = nn.ModuleList(
+            _CallRecorder(sinks[i], states if i == 0 else None, i == n - 1) for i in range(n)
+        )
+        with self._layers_replaced(stand_ins), torch.no_grad():
+            for batch in batches:
+                try:
+                    self.model(input_ids=batch.to(self.device), use_cache=False)
+                except StopForward:
+                    pass
+        if any(len(sink) != len(batches) for sink in sinks):
             raise GQAPruneError(
-                "the model's forward did not reach its first decoder layer; streaming needs "
-                "a Llama-style decoder"
+                "the model's forward did not call each decoder layer once per batch; streaming "
+                "needs a Llama-style decoder"
             )
+        calls = [LayerCalls(tuple(sink[b] for sink in sinks)) for b in range(len(batches))]
         return states, calls
 
-    def run(self, layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
-        """One layer on one batch: host or device hidden states in, device hidden states out."""
+    def run(
+        self, layer: nn.Module, hidden: torch.Tensor, call: LayerCall | LayerCalls
+    ) -> torch.Tensor:
+        """One layer on one batch: host or device hidden states in, device hidden states out.
+
+        ``call`` is the layer's own call, or the batch's :class:`LayerCalls` (the entry of
+        ``layer`` is used).
+        """
+        if isinstance(call, LayerCalls):
+            call = call.of(self._index[id(layer)])
         return hidden_of(layer(hidden.to(self.device), *call.args, **call.kwargs))
 
     def forward_(
         self,
         states: list[torch.Tensor],
-        calls: Sequence[LayerCall],
+        calls: Sequence[LayerCalls],
         desc: str = "",
         progress: bool = False,
     ) -> None:
@@ -332,13 +372,3 @@ class LayerStreamer:
 
 def _is_meta(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters())
-
-
-def check_uniform_layer_calls(model: nn.Module) -> None:
-    """Refuse models whose decoder layers are called with different masks (layer types)."""
-    layer_types = getattr(model.config, "layer_types", None)
-    if layer_types and len(set(layer_types)) > 1:
-        raise GQAPruneError(
-            f"streaming mode replays layer 0's call arguments for every layer, but this model "
-            f"mixes layer types {sorted(set(layer_types))}; run it without --streaming"
-        )

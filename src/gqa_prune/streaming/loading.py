@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from gqa_prune.errors import GQAPruneError
+from gqa_prune.models import source_checks
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.loading import load_model, resolve_device, resolve_dtype
 from gqa_prune.streaming.executor import LayerStreamer, StreamingConfig, _DiskStore
@@ -67,7 +68,10 @@ def load_model_offloaded(
     torch_dtype = resolve_dtype(dtype, resolve_device(config.device))
     dtype_name = str(torch_dtype).removeprefix("torch.")
     path = Path(source).expanduser()
-    files = _weight_files(path) if path.is_dir() and _is_plain_folder(path) else None
+    plain = path.is_dir() and _is_plain_folder(path)
+    if plain:  # a damaged folder is refused in one line before anything is offloaded
+        source_checks.check_folder(path)
+    files = _weight_files(path) if plain else None
     if files is None:
         log.warning(
             "%s is not a folder of safetensors weights: loading it whole into CPU RAM, then "

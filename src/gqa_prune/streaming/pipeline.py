@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from gqa_prune.allocation import AllocationConfig
-from gqa_prune.compensation import DEFAULT_DAMP, check_compensation
+from gqa_prune.compensation import DEFAULT_DAMP, check_compensation, check_selection
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.perplexity import (
     PerplexityResult,
@@ -19,7 +19,7 @@ from gqa_prune.evaluation.perplexity import (
 )
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.pipeline import PruneOutcome, plan_pruning
-from gqa_prune.streaming.compensation import streaming_apply_plan_
+from gqa_prune.streaming.compensation import streaming_prune_sequential_
 from gqa_prune.streaming.executor import LayerStreamer
 from gqa_prune.streaming.memory import MemoryPlan, check_fits, estimate_memory, outside_bytes
 from gqa_prune.streaming.scores import streaming_unit_scores
@@ -107,6 +107,7 @@ def prune_model_streaming_(
     compensation: str = "lstsq",
     compensation_ids: torch.Tensor | None = None,
     compensation_damp: float = DEFAULT_DAMP,
+    selection: str = "score",
 ) -> PruneOutcome:
     """:func:`gqa_prune.prune_model_` with one decoder layer on the device at a time.
 
@@ -116,6 +117,7 @@ def prune_model_streaming_(
     """
     before = streamer.adapter.geometry(streamer.model)
     check_compensation(compensation, compensation_damp)
+    check_selection(selection, compensation)
     seq_len = int(calibration_ids.shape[-1]) if calibration_ids is not None else 1
     check_streaming_memory(streamer, batch_size, seq_len, criterion, compensation)
     allocation, scores, plan = plan_pruning(
@@ -128,8 +130,8 @@ def prune_model_streaming_(
         ),
     )
     ids = calibration_ids if compensation_ids is None else compensation_ids
-    after = streaming_apply_plan_(
-        streamer, plan, ids, compensation, compensation_damp, batch_size, progress
+    plan, after = streaming_prune_sequential_(
+        streamer, plan, ids, compensation, compensation_damp, batch_size, progress, selection
     )
     check_finite_streaming(streamer, calibration_ids[:1], step="after pruning")
     return PruneOutcome(plan, allocation, before, after, scores)
@@ -153,6 +155,7 @@ def streaming_perplexity(
     batch_size: int = 8,
     dataset: str = "",
     progress: bool = True,
+    bos_token_id: int | None = None,
 ) -> PerplexityResult:
     """:func:`gqa_prune.evaluation.perplexity.evaluate_perplexity` of a streamed model.
 
@@ -160,7 +163,9 @@ def streaming_perplexity(
     the host between layers (``windows x seq_len x hidden`` values in the model dtype).
     """
     max_pos = getattr(streamer.model.config, "max_position_embeddings", None)
-    batches, num_windows = eval_batches(tokens, seq_len, max_windows, batch_size, max_pos)
+    batches, num_windows = eval_batches(
+        tokens, seq_len, max_windows, batch_size, max_pos, bos_token_id
+    )
     states, calls = streamer.capture(batches)
     streamer.forward_(states, calls, desc=f"perplexity {dataset}".strip(), progress=progress)
     nll_sum, count = 0.0, 0

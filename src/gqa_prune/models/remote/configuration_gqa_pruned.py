@@ -9,7 +9,15 @@ The global ``num_attention_heads`` / ``num_key_value_heads`` keep the unpruned v
 the Q:KV ratio and ``head_dim`` (stored explicitly) stay those of the original model.
 """
 
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 
 class PrunedLlamaConfig(LlamaConfig):
@@ -26,3 +34,15 @@ class PrunedQwen2Config(Qwen2Config):
 
 class PrunedQwen3Config(Qwen3Config):
     model_type = "gqa_pruned_qwen3"
+
+
+class PrunedGemma2Config(Gemma2Config):
+    model_type = "gqa_pruned_gemma2"
+
+
+class PrunedGemma3Config(Gemma3TextConfig):
+    model_type = "gqa_pruned_gemma3"
+
+
+class PrunedPhi3Config(Phi3Config):
+    model_type = "gqa_pruned_phi3"

@@ -6,6 +6,8 @@ per-layer sizes listed in the config, before the checkpoint's weights are loaded
 Attention in these families reshapes with ``-1`` heads and repeats KV heads by the Q:KV
 ratio, which pruning keeps, so the stock forward (and KV cache) run unchanged. A layer
 with 0 KV heads has no attention at all: :class:`RemovedAttention` stands in for it.
+Phi-3 keeps its fused ``qkv_proj`` / ``gate_up_proj`` (at each layer's size); its attention
+reads the query-head count from the config, so each layer gets a :class:`LayerAttentionConfig`.
 """
 
 from typing import Any
@@ -13,15 +15,21 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
+    Phi3ForCausalLM,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
 )
 
 from .configuration_gqa_pruned import (
+    PrunedGemma2Config,
+    PrunedGemma3Config,
     PrunedLlamaConfig,
     PrunedMistralConfig,
+    PrunedPhi3Config,
     PrunedQwen2Config,
     PrunedQwen3Config,
 )
@@ -43,10 +51,12 @@ class RemovedAttention(nn.Module):
     """An attention block pruned away entirely: it adds nothing (or a constant bias).
 
     The decoder layer's residual ``h + attn(norm(h))`` becomes ``h + b`` (``b`` = 0 when
-    the removed o_proj had no bias). It still appends one width-1 placeholder key/value
-    per token to the KV cache (a few bytes), because transformers reads the cache's length
-    from layer 0 to place new tokens; with nothing stored there, positions would restart
-    at 0. Its only parameter is the optional ``bias`` (shape ``(hidden_size,)``).
+    the removed o_proj had no bias; with Gemma's sandwich norms ``h + post_norm(b)``, what
+    an o_proj with all columns zeroed gives). It still appends one width-1 placeholder
+    key/value per token to the KV cache (a few bytes), because transformers reads the
+    cache's length from layer 0 to place new tokens (and the sliding-window mask sizes from
+    the first sliding layer); with nothing stored there, positions would restart at 0. Its
+    only parameter is the optional ``bias`` (shape ``(hidden_size,)``).
     """
 
     is_removed_attention = True
@@ -71,6 +81,36 @@ class RemovedAttention(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out, None
+
+
+class LayerAttentionConfig:
+    """The model config as one pruned attention block reads it: with its own head counts.
+
+    Phi-3's attention splits its fused ``qkv_proj`` output at ``config.num_attention_heads *
+    head_dim``, a count for the whole model; this view gives the layer's own counts and
+    forwards every other attribute (attention implementation, sliding window, ...) to the
+    shared config, so later changes to it are seen.
+    """
+
+    def __init__(self, config, num_attention_heads, num_key_value_heads):
+        shared = config.__dict__.get("_shared_config", config)  # never a view of a view
+        self.__dict__.update(
+            _shared_config=shared,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+        )
+
+    def __getattr__(self, name):
+        shared = self.__dict__.get("_shared_config")
+        if shared is None:  # while copy/deepcopy rebuilds the object
+            raise AttributeError(name)
+        return getattr(shared, name)
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__:
+            self.__dict__[name] = value
+        else:
+            setattr(self._shared_config, name, value)
 
 
 def resize_layers_to_config(model: Any) -> None:
@@ -100,15 +140,23 @@ def resize_layers_to_config(model: Any) -> None:
                 )
             else:
                 q_out, kv_out = n_kv_i * ratio * head_dim, n_kv_i * head_dim
-                attn.q_proj = _linear_like(attn.q_proj, hidden, q_out)
-                attn.k_proj = _linear_like(attn.k_proj, hidden, kv_out)
-                attn.v_proj = _linear_like(attn.v_proj, hidden, kv_out)
+                if hasattr(attn, "qkv_proj"):  # Phi-3: rows [q; k; v] in one projection
+                    attn.qkv_proj = _linear_like(attn.qkv_proj, hidden, q_out + 2 * kv_out)
+                    attn.num_key_value_heads = n_kv_i
+                    attn.config = LayerAttentionConfig(config, n_kv_i * ratio, n_kv_i)
+                else:
+                    attn.q_proj = _linear_like(attn.q_proj, hidden, q_out)
+                    attn.k_proj = _linear_like(attn.k_proj, hidden, kv_out)
+                    attn.v_proj = _linear_like(attn.v_proj, hidden, kv_out)
                 attn.o_proj = _linear_like(attn.o_proj, q_out, hidden, out_bias)
         if inter is not None:
             mlp = layer.mlp
             width = int(inter[i])
-            mlp.gate_proj = _linear_like(mlp.gate_proj, hidden, width)
-            mlp.up_proj = _linear_like(mlp.up_proj, hidden, width)
+            if hasattr(mlp, "gate_up_proj"):  # Phi-3: rows [gate; up] in one projection
+                mlp.gate_up_proj = _linear_like(mlp.gate_up_proj, hidden, 2 * width)
+            else:
+                mlp.gate_proj = _linear_like(mlp.gate_proj, hidden, width)
+                mlp.up_proj = _linear_like(mlp.up_proj, hidden, width)
             mlp.down_proj = _linear_like(mlp.down_proj, width, hidden, out_bias)
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = width
@@ -140,6 +188,32 @@ class PrunedQwen2ForCausalLM(Qwen2ForCausalLM):
 
 class PrunedQwen3ForCausalLM(Qwen3ForCausalLM):
     config_class = PrunedQwen3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        resize_layers_to_config(self)
+
+
+class PrunedGemma2ForCausalLM(Gemma2ForCausalLM):
+    config_class = PrunedGemma2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        resize_layers_to_config(self)
+
+
+class PrunedGemma3ForCausalLM(Gemma3ForCausalLM):
+    config_class = PrunedGemma3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        resize_layers_to_config(self)
+
+
+class PrunedPhi3ForCausalLM(Phi3ForCausalLM):
+    """Phi-3 / Phi-4-mini: fused ``qkv_proj`` / ``gate_up_proj`` at each layer's own size."""
+
+    config_class = PrunedPhi3Config
 
     def __init__(self, config):
         super().__init__(config)

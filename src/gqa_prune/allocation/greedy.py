@@ -1,4 +1,4 @@
-"""Global pruning mode behind :func:`gqa_prune.allocation.allocate_global` (internal).
+"""Greedy knapsack behind :func:`gqa_prune.allocation.allocate_global` (internal).
 
 Every removable GQA group and MLP step of every prunable layer is a *unit* priced at
 ``score / params removed``. Each layer contributes two queues (groups, MLP steps), each
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gqa_prune.allocation_solver import LayerGrid
+from gqa_prune.allocation.solver import LayerGrid
 from gqa_prune.errors import GQAPruneError
 
 

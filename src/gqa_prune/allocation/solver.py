@@ -1,4 +1,4 @@
-"""Integer arithmetic behind :mod:`gqa_prune.allocation` (internal; no public API here).
+"""Integer arithmetic of the layer mode (internal; no public API here).
 
 Amounts are parameters removed from one layer. With ``g`` groups removed, the amounts a
 layer can reach form a grid ``g * params_per_group + h * params_per_channel`` where ``h``
@@ -14,13 +14,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from gqa_prune.allocation import AllocationConfig
-    from gqa_prune.models.geometry import GQAGeometry
+from gqa_prune.allocation.config import AllocationConfig
+from gqa_prune.allocation.target import Target
+from gqa_prune.errors import GQAPruneError
+from gqa_prune.models.geometry import GQAGeometry
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,50 @@ def grid_of(geometry: GQAGeometry, config: AllocationConfig, layer: int) -> Laye
         geometry.params_per_group,
         geometry.params_per_channel,
     )
+
+
+def check_reach(
+    grids: list[LayerGrid], layers: list[int], goal: Target, config: AllocationConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least and most params each layer may remove; refuses a target outside their sums.
+
+    The refusal names the largest (or smallest) ratio reachable on the target's basis. A
+    target is refused only when it is out of reach even at the edge of the tolerance
+    (float slack up); landing itself aims strictly inside it (slack down).
+
+    Args:
+        grids: one grid per prunable layer.
+        layers: the layer index of each grid (for messages).
+        goal: the target on its basis.
+        config: the constraints (for messages).
+
+    Returns:
+        ``(lo, hi)``, float arrays of shape ``(len(grids),)``.
+    """
+    wins = [[win for g in range(grid.gmax + 1) if (win := grid.window(g))] for grid in grids]
+    for i, options in zip(layers, wins, strict=True):
+        if not options:
+            raise GQAPruneError(
+                f"layer {i}: no whole number of groups and channels removes between "
+                f"{config.min_pruning_rate:.1%} and {config.max_pruning_rate:.1%} of its params; "
+                "widen --min_pruning_rate/--max_pruning_rate or lower --mlp_round_to"
+            )
+    lo = np.array([min(a for a, _ in win) for win in wins], float)
+    hi = np.array([max(b for _, b in win) for win in wins], float)
+    if goal.params - goal.edge > hi.sum():
+        raise GQAPruneError(
+            f"{goal.flag} is out of reach: the {len(grids)} prunable layers can remove at most "
+            f"{goal.pct(hi.sum())} (floors: {'0' if config.allow_attention_removal else '1'} KV "
+            f"group, {config.min_mlp_channels} MLP channels, --max_pruning_rate="
+            f"{config.max_pruning_rate}); lower --pruning_ratio, widen --layer_start/--layer_end, "
+            "lower --freeze_top_n_layers or raise --max_pruning_rate"
+        )
+    if goal.params + goal.edge < lo.sum():
+        raise GQAPruneError(
+            f"--min_pruning_rate={config.min_pruning_rate} alone removes {goal.pct(lo.sum())}, "
+            f"more than {goal.flag}; lower --min_pruning_rate or raise --pruning_ratio"
+        )
+    return lo, hi
 
 
 def solve_scale(base: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float) -> np.ndarray:

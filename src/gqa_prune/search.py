@@ -9,7 +9,7 @@ dense model, and only the cheap part is repeated per candidate ``a:m``::
                     dense perplexity on the validation tokens
     per candidate:  allocate(distribution=(a, m)) -> build_plan -> copy of the dense model
                     -> slice it (with the compensation, windows seed + 2) -> perplexity
-                    on the validation tokens
+                    on the validation tokens [-> zero-shot accuracy on validation files]
 
 Scores are a property of the dense model, so a candidate pruned here equals
 ``prune_model_`` on a fresh copy with the same calibration windows and ``a:m`` (the
@@ -19,6 +19,11 @@ on the plan, so it is the part that is repeated.
 Validation, never the test split: the text is the calibration (non-test) split; its last
 ``validation_fraction`` of tokens is held out for perplexity and the calibration windows
 are drawn only from the tokens before it, so the two never overlap.
+
+``rank_by="zeroshot"`` ranks by zero-shot accuracy instead (mean of acc_norm, or acc where a
+task has none) on the **validation** files of the standard suite (ARC-Easy, ARC-Challenge,
+OpenBookQA ``validation.jsonl``; see :mod:`gqa_prune.evaluation.tasks`), never on the items
+that are reported. It costs one zero-shot evaluation per candidate (plus the dense one).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -36,9 +42,11 @@ from torch import nn
 from gqa_prune.allocation import Allocation, AllocationConfig, allocate, allocate_global
 from gqa_prune.analysis import compute_layer_importance
 from gqa_prune.compensation import DEFAULT_DAMP, apply_plan_sequential_, check_compensation
-from gqa_prune.data import sample_calibration, tokenize_text
+from gqa_prune.data import bos_prefix, sample_calibration, tokenize_text
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.perplexity import evaluate_perplexity
+from gqa_prune.evaluation.tasks import SUITE
+from gqa_prune.evaluation.zeroshot import ZeroShotResult, evaluate_zeroshot, prepare_tasks
 from gqa_prune.importance import UnitScores, compute_unit_scores
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.geometry import GQAGeometry
@@ -48,6 +56,8 @@ from gqa_prune.slicing import apply_plan_
 log = logging.getLogger(__name__)
 
 Distribution = tuple[float, float]
+RankBy = Literal["ppl", "zeroshot"]
+RANK_BY: tuple[str, ...] = ("ppl", "zeroshot")
 
 
 def parse_distributions(text: str) -> tuple[Distribution, ...]:
@@ -133,6 +143,13 @@ class SearchConfig:
         compensation_samples: calibration windows of the compensation.
         compensation_damp: ridge strength of ``lstsq``.
         seed: seed of the calibration sampling (and of the ``random`` criterion).
+        rank_by: ``ppl`` (validation perplexity, lower is better) or ``zeroshot``
+            (validation zero-shot accuracy, higher is better; ties -> lower perplexity).
+        zeroshot_tasks: tasks of the zero-shot ranking (``zeroshot6`` = those of the suite
+            with validation files), always on their validation split.
+        zeroshot_limit: the first N validation items per task (None = all).
+        zeroshot_data_dir: folder of ``<task>/validation.jsonl`` (None = the data
+            directory's ``zeroshot/``, from ``$GQA_PRUNE_DATA_DIR``).
     """
 
     distributions: tuple[Distribution, ...]
@@ -153,6 +170,10 @@ class SearchConfig:
     compensation_samples: int = 64
     compensation_damp: float = DEFAULT_DAMP
     seed: int = 42
+    rank_by: RankBy = "ppl"
+    zeroshot_tasks: str = SUITE
+    zeroshot_limit: int | None = None
+    zeroshot_data_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.distributions:
@@ -163,6 +184,10 @@ class SearchConfig:
                 f"{self.validation_fraction}"
             )
         check_compensation(self.compensation, self.compensation_damp)
+        if self.rank_by not in RANK_BY:
+            raise GQAPruneError(f"unknown --rank_by '{self.rank_by}'; choose ppl or zeroshot")
+        if self.zeroshot_limit is not None and self.zeroshot_limit <= 0:
+            raise GQAPruneError(f"--zeroshot_limit must be positive, got {self.zeroshot_limit}")
         if self.mode not in ("layer", "global"):
             raise GQAPruneError(f"unknown --pruning_mode '{self.mode}'; choose layer or global")
         if not self.allocation.prune_mlp or not self.allocation.prune_attention:
@@ -174,7 +199,11 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One split and what it gave; ``error`` is set (and ``ppl`` None) when infeasible."""
+    """One split and what it gave; ``error`` is set (and ``ppl`` None) when infeasible.
+
+    ``zeroshot`` (mean validation score) and ``zeroshot_tasks`` (per task) are set with
+    ``rank_by="zeroshot"``.
+    """
 
     distribution: Distribution
     attention_share: float
@@ -184,6 +213,8 @@ class Candidate:
     mlp_ratio: float | None
     params_after: int | None
     error: str | None = None
+    zeroshot: float | None = None
+    zeroshot_tasks: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -193,16 +224,20 @@ class Candidate:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """Every candidate, the best one (lowest validation perplexity) and the shared inputs.
+    """Every candidate, the best one and the shared inputs.
 
     Attributes:
         candidates: in the order given.
-        best: index into ``candidates``.
+        best: index into ``candidates``: lowest validation perplexity, or with
+            ``rank_by="zeroshot"`` highest validation zero-shot score.
         dense_ppl: perplexity of the unpruned model on the same validation tokens.
         pruning_ratio: the target fraction of all parameters removed.
         validation: where the validation tokens come from (dataset, token range, windows).
         layer_importance: per-layer scores used by every candidate.
         layer_importance_method: how they were measured.
+        rank_by: ``ppl`` or ``zeroshot``.
+        dense_zeroshot: the unpruned model's validation zero-shot score (rank_by zeroshot).
+        zeroshot_validation: the zero-shot ranking's split, tasks, files and limit.
     """
 
     candidates: tuple[Candidate, ...]
@@ -212,6 +247,9 @@ class SearchResult:
     validation: dict[str, Any]
     layer_importance: tuple[float, ...]
     layer_importance_method: str
+    rank_by: str = "ppl"
+    dense_zeroshot: float | None = None
+    zeroshot_validation: dict[str, Any] | None = None
 
     @property
     def best_candidate(self) -> Candidate:
@@ -273,11 +311,15 @@ class _Shared:
 
 
 def _shared_inputs(
-    model: nn.Module, calib: torch.Tensor, config: SearchConfig, progress: bool
+    model: nn.Module,
+    calib: torch.Tensor,
+    config: SearchConfig,
+    progress: bool,
+    bos: int | None = None,
 ) -> _Shared:
     """Layer importance, unit scores and compensation windows, with ``gqa-prune``'s seeds."""
     c = config
-    ids = sample_calibration(calib, c.layer_importance_samples, c.seq_len, c.seed + 1)
+    ids = sample_calibration(calib, c.layer_importance_samples, c.seq_len, c.seed + 1, bos)
     importance = compute_layer_importance(
         model,
         ids,
@@ -285,13 +327,13 @@ def _shared_inputs(
         batch_size=c.batch_size,
         progress=progress,
     )
-    calibration = sample_calibration(calib, c.calibration_samples, c.seq_len, c.seed)
+    calibration = sample_calibration(calib, c.calibration_samples, c.seq_len, c.seed, bos)
     scores = compute_unit_scores(
         model, calibration, c.criterion, c.aggregation, c.batch_size, c.seed, progress
     )
     comp = None
     if c.compensation != "none":
-        comp = sample_calibration(calib, c.compensation_samples, c.seq_len, c.seed + 2)
+        comp = sample_calibration(calib, c.compensation_samples, c.seq_len, c.seed + 2, bos)
     return _Shared(tuple(importance.scores), importance.method, scores, comp)
 
 
@@ -302,6 +344,7 @@ def _candidate(
     config: SearchConfig,
     perplexity: Callable[[nn.Module], float],
     progress: bool,
+    zeroshot: Callable[[nn.Module], ZeroShotResult] | None = None,
 ) -> Candidate:
     """Prune a copy of the dense ``model`` with split ``dist`` and evaluate it."""
     a, m = dist
@@ -322,6 +365,9 @@ def _candidate(
         )  # fmt: skip
     ppl = perplexity(pruned)
     log.info("search: split %g:%g -> validation perplexity %.3f", a, m, ppl)
+    zs = zeroshot(pruned) if zeroshot is not None else None
+    if zs is not None:
+        log.info("search: split %g:%g -> validation zero-shot %.4f", a, m, zs.mean_score or 0)
     return Candidate(
         distribution=dist,
         attention_share=a / (a + m),
@@ -330,6 +376,8 @@ def _candidate(
         attention_ratio=1 - sum(after.kv_heads) / sum(geometry.kv_heads),
         mlp_ratio=1 - sum(after.intermediate_sizes) / sum(geometry.intermediate_sizes),
         params_after=after.total_params,
+        zeroshot=None if zs is None else zs.mean_score,
+        zeroshot_tasks={} if zs is None else {n: zs.tasks[n].score for n in zs.requested},
     )
 
 
@@ -342,7 +390,7 @@ def search_distributions(
     dataset: str = "",
     progress: bool = True,
 ) -> SearchResult:
-    """Prune a copy of ``model`` per candidate split; rank them by validation perplexity.
+    """Prune a copy of ``model`` per candidate split; rank them on validation data.
 
     ``model`` itself is not changed (its gradients are used for Taylor scores, then freed).
 
@@ -355,34 +403,50 @@ def search_distributions(
         progress: show progress bars.
 
     Returns:
-        The candidates with their perplexities; ``best`` = lowest perplexity.
+        The candidates with their perplexities (and validation zero-shot scores); ``best``
+        = lowest perplexity, or highest zero-shot score with ``rank_by="zeroshot"``.
 
     Raises:
-        GQAPruneError: bad settings, too little text, or no candidate is feasible.
+        GQAPruneError: bad settings, too little text, no candidate is feasible, or (rank
+            by zero-shot) a validation file is missing or lm-eval is not installed.
     """
     calib, val = split_validation(tokenize_text(tokenizer, text), config.validation_fraction)
+    bos = bos_prefix(tokenizer)  # windows start with BOS where the tokenizer adds one
     _refuse_if_none_feasible(config, get_adapter(model).geometry(model))
+    zeroshot: Callable[[nn.Module], ZeroShotResult] | None = None
+    if config.rank_by == "zeroshot":  # files and names checked before the costly part
+        selection = prepare_tasks(
+            config.zeroshot_tasks, split="validation", zeroshot_data_dir=config.zeroshot_data_dir
+        )
+        zeroshot = partial(
+            evaluate_zeroshot, tokenizer=tokenizer, tasks=selection,
+            batch_size=config.eval_batch_size, limit=config.zeroshot_limit, seed=config.seed,
+        )  # fmt: skip
 
     def perplexity(m: nn.Module) -> float:
         return evaluate_perplexity(
             m, val, config.eval_seq_len, config.eval_max_windows, config.eval_batch_size,
-            dataset=dataset, progress=progress,
+            dataset=dataset, progress=progress, bos_token_id=bos,
         ).ppl  # fmt: skip
 
-    shared = _shared_inputs(model, calib, config, progress)
+    shared = _shared_inputs(model, calib, config, progress, bos)
     dense_ppl = perplexity(model)
     log.info("search: dense validation perplexity %.3f", dense_ppl)
+    dense_zs = zeroshot(model) if zeroshot is not None else None
     candidates = tuple(
-        _candidate(model, dist, shared, config, perplexity, progress)
+        _candidate(model, dist, shared, config, perplexity, progress, zeroshot)
         for dist in config.distributions
     )
     ppls = {i: c.ppl for i, c in enumerate(candidates) if c.ppl is not None}
     if not ppls:
         raise GQAPruneError(f"no --distributions candidate is feasible: {candidates[0].error}")
     finite = {i: p for i, p in ppls.items() if math.isfinite(p)} or ppls
+    best = min(finite, key=finite.__getitem__)
+    if config.rank_by == "zeroshot":  # highest score; equal scores -> lower perplexity
+        best = max(finite, key=lambda i: (candidates[i].zeroshot or 0.0, -finite[i]))
     return SearchResult(
         candidates=candidates,
-        best=min(finite, key=finite.__getitem__),
+        best=best,
         dense_ppl=dense_ppl,
         pruning_ratio=config.allocation.pruning_ratio,
         validation={
@@ -395,10 +459,22 @@ def search_distributions(
         },
         layer_importance=shared.importance,
         layer_importance_method=shared.importance_method,
+        rank_by=config.rank_by,
+        dense_zeroshot=None if dense_zs is None else dense_zs.mean_score,
+        zeroshot_validation=None
+        if dense_zs is None
+        else {
+            "split": "validation",
+            "tasks": list(dense_zs.requested),
+            "files": dict(dense_zs.sources),
+            "limit": config.zeroshot_limit,
+            "score": "mean of acc_norm (acc where a task has none)",
+        },
     )
 
 
 __all__ = [
+    "RANK_BY",
     "Candidate",
     "SearchConfig",
     "SearchResult",
