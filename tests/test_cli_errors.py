@@ -85,26 +85,12 @@ def _shard_and_lose_one(folder):
 
 
 def _pruned_gemma3(tmp_path):
-    """A tiny Gemma 3 pruned to different KV heads / MLP widths per layer, saved."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
-
+    """A tiny Gemma 3 (3 layers) pruned to different KV heads / MLP widths per layer, saved."""
     from gqa_prune import save_pruned
 
-    from conftest import prune_unevenly_
+    from conftest import prune_unevenly_, tiny_model
 
-    config = Gemma3TextConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_model("gemma3")
     prune_unevenly_(model)
     return save_pruned(model, char_tokenizer(), tmp_path / "gemma3-pruned")
 
@@ -177,10 +163,10 @@ DAMAGED = [
     ("damaged_pruned_no_tokenizer", _damaged(_pruned_llama, _drop_tokenizer), "no tokenizer"),
     ("damaged_pruned_gemma3_missing_list",
      _damaged(_pruned_gemma3, lambda f: _edit_config(f, drop=["layer_intermediate_sizes"])),
-     "layer_intermediate_sizes as a list of 2"),
+     "layer_intermediate_sizes as a list of 3"),
     ("damaged_pruned_gemma3_short_list",
      _damaged(_pruned_gemma3, lambda f: _edit_config(f, layer_num_key_value_heads=[2])),
-     "layer_num_key_value_heads as a list of 2"),
+     "layer_num_key_value_heads as a list of 3"),
     ("damaged_not_a_gguf", _damaged(_not_a_gguf, lambda f: None), "gguf is not a GGUF file"),
     ("damaged_truncated_gguf", _damaged(_exported_gguf, _truncate), "truncated GGUF"),
     ("damaged_gguf_header", _damaged(_exported_gguf, lambda f: _truncate(f, 0.005)),

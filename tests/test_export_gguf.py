@@ -382,7 +382,7 @@ def _family_folder(tmp_path, model_type):
     return folder
 
 
-GEMMA_WHY = "gemma/gemma2/gemma3 graphs builds every layer with layer 0's head counts"
+GEMMA_WHY = "gemma/gemma2/gemma3 graphs build every layer with layer 0's head counts"
 
 
 @pytest.mark.parametrize(

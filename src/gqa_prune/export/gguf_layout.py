@@ -37,9 +37,9 @@ ARCH_OF_FAMILY: dict[str, Arch] = {
 # layer's tensors with ``n_head`` / ``n_head_kv`` / ``n_ff`` = ``hparams.n_head()`` etc., whose
 # layer index defaults to 0, where deci.cpp reads ``hparams.n_head(i)`` per layer; gemma4.cpp
 # is per-layer but applies a weightless ``ggml_rms_norm`` to V, which Gemma 2/3 do not have).
-_LAYER0 = "builds every layer with layer 0's head counts and MLP width"
+_LAYER0 = "every layer with layer 0's head counts and MLP width"
 _GEMMA_WHY = (
-    f"llama.cpp's gemma/gemma2/gemma3 graphs {_LAYER0}, so a model with per-layer heads or "
+    f"llama.cpp's gemma/gemma2/gemma3 graphs build {_LAYER0}, so a model with per-layer heads or "
     "widths cannot be loaded (its per-layer gemma4 graph RMS-normalises V, which Gemma 2/3 "
     "do not)"
 )
@@ -48,8 +48,8 @@ REFUSED_FAMILIES: dict[str, str] = {
     "gemma2": _GEMMA_WHY,
     "gemma3": _GEMMA_WHY,
     "gemma3_text": _GEMMA_WHY,
-    "phi3": f"llama.cpp's phi3 graph {_LAYER0}, and this export does not split Phi-3's fused "
-    "qkv_proj / gate_up_proj into the per-layer deci layout",
+    "phi3": f"llama.cpp's phi3 graph builds {_LAYER0}, and this export does not split "
+    "Phi-3's fused qkv_proj / gate_up_proj into the per-layer deci layout",
 }
 
 
