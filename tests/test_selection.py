@@ -201,7 +201,8 @@ def test_repair_selection_end_to_end(kind, monkeypatch, tmp_path):
     calls = []
     select = sequential_mod.select_kept_units
 
-    def recording(weight, gram, n_keep, damp, width=1):
+    def recording(weight, gram, n_keep, damp, width=1, cross=None):
+        assert cross is None  # local targets
         kept, columns = select(weight, gram, n_keep, damp, width)
         calls.append((weight.detach().clone(), gram.clone(), width, kept, columns))
         return kept, columns

@@ -20,6 +20,7 @@ from gqa_prune.config import (
     RATIO_BASES,
     SELECTIONS,
     STRATEGIES,
+    TARGETS,
     RunConfig,
 )
 from gqa_prune.errors import GQAPruneError
@@ -233,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="which units each layer loses (its counts come from the allocation): score = "
         "lowest importance score; repair = least error left after the lstsq refit "
         "(greedy structured OBS on the compensation's Gram matrices; needs lstsq)",
+    )
+    g.add_argument(
+        "--compensation_target",
+        default=d.compensation_target,
+        choices=TARGETS,
+        help="what the lstsq refit reproduces: local = each projection's own dense output "
+        "on the pruned inputs; dense = the dense model's output (a dense stream carried "
+        "beside the pruned one corrects the error arriving from the layers below)",
     )
 
     g = p.add_argument_group("5. evaluation")

@@ -8,7 +8,14 @@ from typing import Any
 
 from gqa_prune.allocation import BASES as RATIO_BASES
 from gqa_prune.analysis import layer_importance_methods
-from gqa_prune.compensation import COMPENSATIONS, DEFAULT_DAMP, SELECTIONS, check_selection
+from gqa_prune.compensation import (
+    COMPENSATIONS,
+    DEFAULT_DAMP,
+    DEFAULT_TARGET,
+    SELECTIONS,
+    TARGETS,
+    check_selection,
+)
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.zeroshot import parse_tasks  # does not import lm-eval
 from gqa_prune.importance import AGGREGATIONS
@@ -78,6 +85,7 @@ class RunConfig:
     compensation_samples: int = 64
     compensation_damp: float = DEFAULT_DAMP
     selection: str = "score"
+    compensation_target: str = DEFAULT_TARGET
     calibration_dataset: str = "wikitext2"
     eval_dataset: str = "wikitext2"
     eval_seq_len: int = 128
@@ -151,6 +159,7 @@ class RunConfig:
             ("pruning_mode", PRUNING_MODES),
             ("compensation", COMPENSATIONS),
             ("selection", SELECTIONS),
+            ("compensation_target", TARGETS),
             ("aggregation", AGGREGATIONS),
             ("layer_importance_method", LAYER_IMPORTANCE_METHODS),
         ):
@@ -164,6 +173,11 @@ class RunConfig:
                 "layer_importance_config.json from an earlier run)"
             )
         check_selection(self.selection, self.compensation)
+        if self.compensation_target == "dense" and self.compensation != "lstsq":
+            raise GQAPruneError(
+                "--compensation_target dense refits to the dense model's outputs; it needs "
+                f"--compensation lstsq (got '{self.compensation}')"
+            )
         if not self.compensation_damp > 0:
             raise GQAPruneError(
                 f"--compensation_damp must be > 0 (e.g. {DEFAULT_DAMP}), got "

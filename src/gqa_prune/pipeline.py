@@ -13,8 +13,10 @@ from torch import nn
 from gqa_prune.allocation import Allocation, AllocationConfig, allocate, allocate_global
 from gqa_prune.compensation import (
     DEFAULT_DAMP,
+    DEFAULT_TARGET,
     Compensation,
     Selection,
+    Target,
     check_compensation,
     check_selection,
     prune_sequential_,
@@ -96,6 +98,7 @@ def prune_model_(
     compensation_damp: float = DEFAULT_DAMP,
     streaming: LayerStreamer | StreamingConfig | None = None,
     selection: Selection | str = "score",
+    compensation_target: Target | str = DEFAULT_TARGET,
 ) -> PruneOutcome:
     """Prune ``model`` in place to remove ``allocation_config.pruning_ratio`` of its parameters.
 
@@ -127,7 +130,12 @@ def prune_model_(
         selection: ``score`` = keep each layer's highest-scoring units; ``repair`` = keep
             as many, chosen by the error the ``lstsq`` refit leaves (greedy structured OBS
             on the compensation's Gram matrices, ``gqa_prune.compensation.selection``).
-            The returned ``plan`` is the one applied.
+            The returned ``plan`` is the one applied. In ``layer`` mode ``repair`` needs
+            no unit scores (the allocation gives the counts), so none are computed: no
+            backward pass at all.
+        compensation_target: ``local`` = refit each projection to its own dense weights on
+            the pruned inputs; ``dense`` = to the dense model's outputs (a dense stream
+            carried beside the pruned one), so each layer also corrects the drift from below.
     """
     if streaming is not None:
         return _prune_streaming_(
@@ -146,9 +154,10 @@ def prune_model_(
             compensation_ids=compensation_ids,
             compensation_damp=compensation_damp,
             selection=selection,
+            compensation_target=compensation_target,
         )
     before = get_adapter(model).geometry(model)
-    check_compensation(compensation, compensation_damp)
+    check_compensation(compensation, compensation_damp, compensation_target)
     check_selection(selection, compensation)
     allocation, scores, plan = plan_pruning(
         before,
@@ -158,13 +167,22 @@ def prune_model_(
         lambda: compute_unit_scores(
             model, calibration_ids, criterion, aggregation, batch_size, seed, progress
         ),
+        needs_scores=needs_unit_scores(mode, selection),
     )
     if compensation == "none":
         after = apply_plan_(model, plan)
     else:
         ids = calibration_ids if compensation_ids is None else compensation_ids
         plan, after = prune_sequential_(
-            model, plan, ids, compensation, compensation_damp, batch_size, progress, selection
+            model,
+            plan,
+            ids,
+            compensation,
+            compensation_damp,
+            batch_size,
+            progress,
+            selection,
+            compensation_target,
         )
     check_finite_logits(model, calibration_ids[:1], step="after pruning")
     return PruneOutcome(plan, allocation, before, after, scores)
@@ -176,6 +194,7 @@ def plan_pruning(
     layer_importance: Sequence[float] | None,
     mode: str,
     score_units: Callable[[], UnitScores],
+    needs_scores: bool = True,
 ) -> tuple[Allocation, UnitScores, PruningPlan]:
     """Allocate per-layer budgets and pick the units to keep (no weight changes).
 
@@ -188,6 +207,9 @@ def plan_pruning(
         layer_importance: one score per layer; None = all equal.
         mode: ``layer`` or ``global``.
         score_units: computes the unit scores (in memory or streamed).
+        needs_scores: False = skip ``score_units`` (``layer`` mode only): every unit scores
+            0, so the plan keeps the first units of each layer and only its counts matter
+            (``selection="repair"`` chooses the units).
     """
     if mode not in PRUNING_MODES:
         raise GQAPruneError(
@@ -198,7 +220,7 @@ def plan_pruning(
     )
     if mode == "layer":
         allocation = allocate(importance, before, allocation_config)
-    scores = score_units()
+    scores = score_units() if needs_scores or mode == "global" else zero_scores(before)
     if mode == "global":
         allocation = allocate_global(
             scores.groups, scores.channels, before, allocation_config, importance=importance
@@ -216,6 +238,19 @@ def plan_pruning(
         allocation.pruning_ratio_basis.replace("_", "-"),
     )
     return allocation, scores, build_plan(scores, allocation, before)
+
+
+def needs_unit_scores(mode: str, selection: str) -> bool:
+    """Whether the plan needs unit scores: not for ``repair`` selection in ``layer`` mode."""
+    return not (mode == "layer" and selection == "repair")
+
+
+def zero_scores(geometry: GQAGeometry) -> UnitScores:
+    """All-zero scores of ``geometry``'s units (stand-ins where only counts matter)."""
+    return UnitScores(
+        [torch.zeros(n) for n in geometry.kv_heads],
+        [torch.zeros(n) for n in geometry.intermediate_sizes],
+    )
 
 
 def _prune_streaming_(

@@ -418,6 +418,7 @@ class ExperimentRun:
                 compensation_damp=config.compensation_damp,
                 streaming=self.streamer,
                 selection=config.selection,
+                compensation_target=config.compensation_target,
             )
         self.memory.mark("prune")
         self.outcome.plan.save(self.exp.path("pruning_plan.json"))

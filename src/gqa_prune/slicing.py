@@ -126,16 +126,21 @@ def apply_plan_(model: nn.Module, plan: PruningPlan) -> GQAGeometry:
             f"pruning plan has {len(plan.layers)} layers but the model has {len(layers)}"
         )
     for lp in plan.layers:
-        layer = layers[lp.layer_idx]
-        if attention_cut(layer, lp, plan, adapter):
-            prune_attention_by_gqa_groups(layer, lp.keep_kv_groups, adapter, allow_removal=True)
-        gate = adapter.mlp_projections(layer)[0]
-        if len(lp.keep_mlp_channels) != gate.out_features:
-            prune_mlp_channels(layer, lp.keep_mlp_channels, adapter)
+        slice_layer_(layers[lp.layer_idx], lp, plan, adapter)
     geometry = adapter.geometry(model)
     update_config_(model.config, geometry)
     check_pruned_model(model, plan)
     return geometry
+
+
+def slice_layer_(
+    layer: nn.Module, lp: LayerPlan, plan: PruningPlan, adapter: ArchitectureAdapter
+) -> None:
+    """Slice one decoder layer to its plan (attention groups, then MLP channels), in place."""
+    if attention_cut(layer, lp, plan, adapter):
+        prune_attention_by_gqa_groups(layer, lp.keep_kv_groups, adapter, allow_removal=True)
+    if len(lp.keep_mlp_channels) != adapter.mlp_projections(layer)[0].out_features:
+        prune_mlp_channels(layer, lp.keep_mlp_channels, adapter)
 
 
 def attention_cut(

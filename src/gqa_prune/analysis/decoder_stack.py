@@ -39,6 +39,20 @@ class LayerCall:
 
 
 @dataclass(frozen=True)
+class LayerCalls:
+    """The recorded call of every decoder layer for one batch (``calls[layer]``).
+
+    Layers of one attention type share the same mask and rotary tensors, so this holds
+    references, not copies.
+    """
+
+    calls: tuple[LayerCall, ...]
+
+    def of(self, layer: int) -> LayerCall:
+        return self.calls[layer]
+
+
+@dataclass(frozen=True)
 class StackTrace:
     """Boundary hidden states of one batch, and how each layer was called.
 

@@ -34,6 +34,12 @@ refitted ``W'`` left by (3) *is* the ridge refit of the chosen kept set with tha
 (``ridge_refit`` alone uses ``mean(diag(G_SS))`` of the kept set, a few percent apart; on
 tiny layers that shift can reorder close candidates, so the two are not mixed.)
 
+Dense targets (``C = X^T Y``, :mod:`.solve`): with ``F(U) = ||Y - X U^T||^2 + lam ||U - W||^2``
+minimised over all columns by ``W*^T = H^-1 (C + lam W^T)``, ``F(U) = F(W*) + tr((U - W*) H
+(U - W*)^T)``, so the objective with ``R`` removed is ``F(W*) + tr(W*_R [(H^-1)_RR]^-1
+W*_R^T) - lam ||W_R||^2``: (1)-(4) hold with ``W'`` starting at ``W*`` instead of ``W`` (the
+constant ``F(W*)`` does not depend on ``R`` and is left out of the reported error).
+
 Cost, ``n`` inputs, ``o`` outputs, ``k`` units removed in chunks of ``c`` (fp64):
 inverse ``H^-1`` ~ ``n^3`` (Cholesky + inverse), per chunk the scores ``O(o n)`` (width 1)
 or ``O(U (b^3 + b^2 o))`` (``U`` groups of width ``b``), updates ``2 n^2 c + 2 o n c``;
@@ -92,7 +98,11 @@ def ridge_lambda(gram: torch.Tensor, damp: float) -> float:
 
 
 def removal_error(
-    weight: torch.Tensor, gram: torch.Tensor, removed: Sequence[int] | torch.Tensor, lam: float
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    removed: Sequence[int] | torch.Tensor,
+    lam: float,
+    cross: torch.Tensor | None = None,
 ) -> float:
     """Closed form (1): the refit objective after removing input columns ``removed``.
 
@@ -101,19 +111,30 @@ def removal_error(
         gram: ``(in, in)`` ``X^T X`` of its calibration inputs.
         removed: removed input columns.
         lam: ridge strength (> 0).
+        cross: ``(in, out)`` ``X^T Y`` for dense targets ``Y``; None = ``Y = X W^T``.
 
     Returns:
-        ``min_V ||X W^T - X_S V^T||^2 + lam ||V - W_S||^2`` (0 when nothing is removed).
+        ``min_V ||Y - X_S V^T||^2 + lam ||V - W_S||^2 - F(W*)`` (0 when nothing is
+        removed; ``F(W*) = 0`` when ``Y = X W^T``).
     """
     rem = torch.as_tensor(removed, dtype=torch.long).reshape(-1)
     if rem.numel() == 0:
         return 0.0
-    h = gram.double().clone()
-    h.diagonal().add_(lam)
-    hinv_rr = torch.cholesky_inverse(torch.linalg.cholesky(h))[rem[:, None], rem]
-    w_r = weight.double()[:, rem]
-    quad = (w_r * torch.linalg.solve(hinv_rr, w_r.T).T).sum()
-    return float(quad - lam * w_r.square().sum())
+    hinv = damped_inverse(gram, lam)
+    start = full_refit(weight, hinv, lam, cross)
+    w_r = start[:, rem]
+    quad = (w_r * torch.linalg.solve(hinv[rem[:, None], rem], w_r.T).T).sum()
+    return float(quad - lam * weight.double()[:, rem].square().sum())
+
+
+def full_refit(
+    weight: torch.Tensor, hinv: torch.Tensor, lam: float, cross: torch.Tensor | None
+) -> torch.Tensor:
+    """``W*`` (float64, ``(out, in)``): all columns refitted to the targets; ``W`` if None."""
+    if cross is None:
+        return weight.double().clone()
+    rhs = cross.to(hinv.device).double() + lam * weight.double().T  # (in, out)
+    return (hinv @ rhs).T.contiguous()
 
 
 def damped_inverse(gram: torch.Tensor, lam: float) -> torch.Tensor:
@@ -193,6 +214,7 @@ def greedy_removal(
     damp: float,
     width: int = 1,
     chunk: int | None = None,
+    cross: torch.Tensor | None = None,
 ) -> GreedyRemoval:
     """Remove ``n_remove`` units greedily by (2), with the downdates (3)-(4).
 
@@ -203,6 +225,8 @@ def greedy_removal(
         damp: ridge strength relative to the mean Gram diagonal (> 0).
         width: columns per unit.
         chunk: units removed per update; None = ``ceil(n_units / CHUNKS)``, 1 = plain greedy.
+        cross: ``(in, out)`` ``X^T Y`` for dense targets ``Y`` (see the module docstring);
+            None = the projection's own output ``X W^T``.
 
     Ties break towards the lower unit index, so the result is deterministic.
     """
@@ -215,16 +239,24 @@ def greedy_removal(
     n_units = n_in // width
     if not 0 <= n_remove <= n_units:
         raise GQAPruneError(f"cannot remove {n_remove} of {n_units} units")
+    if cross is not None and cross.shape != (n_in, weight.shape[0]):
+        raise GQAPruneError(
+            f"repair selection: cross product {tuple(cross.shape)} does not fit weight "
+            f"{tuple(weight.shape)}"
+        )
     lam = ridge_lambda(gram, damp)
-    refit = weight.double().clone()  # W': refitted, zero on removed columns
-    if n_remove == 0 or not lam > 0:  # no inputs ever active: every removal costs nothing
+    if (n_remove == 0 and cross is None) or not lam > 0:  # nothing to fit, or no inputs
+        refit = weight.double().clone()
         gone = tuple(range(n_units - n_remove, n_units))
         refit[:, unit_columns(gone, width).to(refit.device)] = 0
         return GreedyRemoval(gone, 0.0, refit)
     chunk = chunk or math.ceil(n_units / CHUNKS)
     device = weight.device
     hinv = damped_inverse(gram.to(device), lam)
-    col_norms = refit.square().sum(0)
+    refit = full_refit(weight, hinv, lam, cross)  # W': refitted, zero on removed columns
+    if n_remove == 0:
+        return GreedyRemoval((), 0.0, refit)
+    col_norms = weight.double().square().sum(0)
     norms = col_norms.view(n_units, width).sum(1)  # ||W_u||^2 of the original columns
     alive = torch.ones(n_units, dtype=torch.bool, device=device)
     removed: list[int] = []
@@ -248,7 +280,12 @@ def greedy_removal(
 
 
 def select_kept_units(
-    weight: torch.Tensor, gram: torch.Tensor, n_keep: int, damp: float, width: int = 1
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    n_keep: int,
+    damp: float,
+    width: int = 1,
+    cross: torch.Tensor | None = None,
 ) -> tuple[tuple[int, ...], torch.Tensor]:
     """The ``n_keep`` units that stay after greedy repair-aware removal, and their refit.
 
@@ -259,13 +296,14 @@ def select_kept_units(
         n_keep: how many units the layer's budget keeps.
         damp: ridge strength relative to the mean Gram diagonal.
         width: columns per unit.
+        cross: ``(in, out)`` ``X^T Y`` for dense targets; None = ``X W^T``.
 
     Returns:
         ``(kept, columns)``: kept unit indices (sorted) and the ``(out, n_keep * width)``
         refitted weights of their columns, in ``weight``'s dtype.
     """
     n_units = weight.shape[1] // max(width, 1)
-    result = greedy_removal(weight, gram, n_units - n_keep, damp, width)
+    result = greedy_removal(weight, gram, n_units - n_keep, damp, width, cross=cross)
     gone = set(result.removed)
     kept = tuple(i for i in range(n_units) if i not in gone)
     cols = unit_columns(kept, width).to(result.refit.device)

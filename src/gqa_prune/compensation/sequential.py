@@ -1,29 +1,45 @@
-"""Apply a PruningPlan layer by layer, compensating what each layer loses.
+"""The layer-wise pruning engine: apply a PruningPlan one decoder layer at a time, repairing
+what each layer loses.
 
 Layer ``l`` is calibrated on the outputs of layers ``0..l-1`` *as already pruned and
-compensated*, so the refit of layer ``l`` also absorbs the error arriving from below::
+compensated*::
 
-    ids -> embed -> h0 -> [layer 0: stats, slice, refit] -> h1 -> [layer 1: ...] -> h2 ...
-                    ^ recorded once       run the pruned layer ^ (replaces h0 in memory)
+    ids -> embed -> h0 -> [layer 0: stats, select, slice, refit] -> h1 -> [layer 1: ...] ...
+                    ^ recorded once              run the pruned layer ^ (replaces h0)
 
-Per layer, at most three passes of that one layer over the calibration set:
+One engine serves both placements (:class:`LayerWalk`): every layer resident on the model's
+device (:class:`ResidentLayers`, the in-memory case) or one layer at a time on the device with
+the rest parked in RAM or on disk (``gqa_prune.streaming.LayerStreamer``). Per layer, at most
+four passes of that one layer over the calibration set:
 
-1. the dense layer, with a pre-hook on ``o_proj`` (attention statistics);
-   slice the GQA groups, refit ``o_proj``'s kept columns (or add FLAP's bias);
+0. (``target="dense"`` only) the dense layer on the *dense* model's hidden states, carried
+   beside the pruned ones: records the dense outputs ``Y`` of ``o_proj`` and ``down_proj``
+   (the refit targets, :mod:`.solve`) and advances the dense stream;
+1. the dense layer on the pruned stream, with a pre-hook on ``o_proj`` (attention
+   statistics); select and slice the GQA groups, refit ``o_proj``'s kept columns (or add
+   FLAP's bias);
 2. the layer with pruned attention, with a pre-hook on ``down_proj`` (skipped when the
    attention was not cut: pass 1 already saw the right MLP inputs);
    slice the MLP channels, refit ``down_proj``'s kept columns (or add the bias);
 3. the pruned layer, whose outputs become the next layer's calibration inputs.
 
-Memory: only the current boundary hidden states (``N x L x hidden``, model dtype) and one
-Gram matrix are held, on the model's device, plus the recorded layer arguments (masks, rotary
-tables) per batch. Cost per layer for Llama-3-8B (hidden 4096, 32 Q heads x 128, MLP 14336),
+Targets: ``local`` refits each projection to its own dense weights on the pruned inputs
+(``X W^T``), so the error arriving from below is left as it is; ``dense`` refits to the
+dense model's outputs (``Y = X_d W^T``), so every cut layer also corrects that drift.
+
+Memory: only the current boundary hidden states (``N x L x hidden``, model dtype; twice with
+``dense``, plus the two recorded targets of the current layer, ``2 x N x L x hidden``) and one
+Gram matrix are held, plus the recorded layer arguments (masks, rotary tables) per batch
+(streamed: the states rest on the host, one batch at a time on the device).
+Cost per layer for Llama-3-8B (hidden 4096, 32 Q heads x 128, MLP 14336),
 64 x 128 calibration tokens, bf16, 25% of the MLP channels removed (|S| = 10752 kept):
 
     what                                   size / work
     boundary hidden states (bf16)          64 x 128 x 4096 x 2 B         =  64 MiB
     o_proj Gram (fp32)                     4096^2 x 4 B                  =  64 MiB
     down_proj Gram (fp32)                  14336^2 x 4 B                 = 784 MiB (822 MB)
+    dense targets (bf16): dense stream, Y_o, Y_down       3 x 64 MiB
+    cross product C (fp32)                 14336 x 4096 x 4 B            = 224 MiB
     ridge solve (fp64, in-place Cholesky)  |S|^2 x 8 B + |S| x 4096 x 8 B x 2
                                            measured peak 2.6 GiB above the Gram matrix
     Gram products (fp32)                   2 N I^2 = 3.4 TFLOP per layer (N = 8192 tokens)
@@ -41,9 +57,10 @@ after each layer. The attention refit is small (4096 features).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -51,6 +68,7 @@ from tqdm.auto import tqdm
 
 from gqa_prune.analysis.decoder_stack import (
     LayerCall,
+    LayerCalls,
     StopForward,
     hidden_of,
     input_device,
@@ -64,12 +82,12 @@ from gqa_prune.models.adapters import ArchitectureAdapter, get_adapter
 from gqa_prune.models.geometry import GQAGeometry
 from gqa_prune.plan import LayerPlan, PruningPlan
 from gqa_prune.slicing import (
-    apply_plan_,
     attention_cut,
     check_pruned_model,
     group_rows,
     prune_attention_by_gqa_groups,
     prune_mlp_channels,
+    slice_layer_,
     update_config_,
 )
 
@@ -77,6 +95,9 @@ log = logging.getLogger(__name__)
 
 Compensation = Literal["none", "lstsq", "bias"]
 COMPENSATIONS: tuple[str, ...] = ("none", "lstsq", "bias")
+Target = Literal["local", "dense"]
+TARGETS: tuple[str, ...] = ("local", "dense")
+DEFAULT_TARGET = "local"
 # lam = DEFAULT_DAMP * mean(diag(G_SS)); chosen on SmolLM2-135M (bench/bench_compensation.py)
 DEFAULT_DAMP = 0.1
 # Config flag read by the shipped modeling code: o_proj and down_proj of every layer carry a
@@ -84,14 +105,100 @@ DEFAULT_DAMP = 0.1
 OUTPUT_BIAS_FLAG = "layer_output_bias"
 
 
-def check_compensation(compensation: str, damp: float) -> None:
-    """Raise a GQAPruneError for an unknown compensation or a non-positive damp."""
+def check_compensation(compensation: str, damp: float, target: str = DEFAULT_TARGET) -> None:
+    """Raise a GQAPruneError for an unknown compensation or target, or a non-positive damp."""
     if compensation not in COMPENSATIONS:
         raise GQAPruneError(
             f"unknown compensation '{compensation}'; choose one of {', '.join(COMPENSATIONS)}"
         )
     if not damp > 0:
         raise GQAPruneError(f"compensation damp must be > 0 (e.g. {DEFAULT_DAMP}), got {damp}")
+    if target not in TARGETS:
+        raise GQAPruneError(
+            f"unknown compensation target '{target}'; choose one of {', '.join(TARGETS)}"
+        )
+    if target == "dense" and compensation != "lstsq":
+        raise GQAPruneError(
+            f"--compensation_target dense refits to the dense model's outputs; it needs "
+            f"--compensation lstsq (got '{compensation}')"
+        )
+
+
+class LayerWalk(Protocol):
+    """Where the decoder layers live while the engine walks them (in order).
+
+    ``states`` rest on ``host``; :meth:`run` takes host or device hidden states and returns
+    device ones. Implemented by :class:`ResidentLayers` and ``streaming.LayerStreamer``.
+    """
+
+    model: nn.Module
+    adapter: ArchitectureAdapter
+    device: torch.device
+    host: torch.device
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def layer(self, index: int, changed: bool = False) -> Any:
+        """A context manager: layer ``index`` on the device inside the block."""
+        ...
+
+    def capture(
+        self, batches: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[LayerCalls]]: ...
+
+    def run(
+        self, layer: nn.Module, hidden: torch.Tensor, call: LayerCall | LayerCalls
+    ) -> torch.Tensor: ...
+
+
+class ResidentLayers:
+    """Every decoder layer resident on the model's device: the in-memory :class:`LayerWalk`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.layers = self.adapter.decoder_layers(model)
+        self.device = self.host = input_device(model)
+        self._index = {id(layer): i for i, layer in enumerate(self.layers)}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @contextmanager
+    def layer(self, index: int, changed: bool = False) -> Iterator[nn.Module]:
+        yield self.layers[index]
+
+    def capture(
+        self, batches: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[LayerCalls]]:
+        states, calls = record_layer_inputs(self.model, torch.cat(list(batches)), len(batches[0]))
+        per_batch = [LayerCalls(tuple(c[b] for c in calls)) for b in range(len(states))]
+        return states, per_batch
+
+    def run(
+        self, layer: nn.Module, hidden: torch.Tensor, call: LayerCall | LayerCalls
+    ) -> torch.Tensor:
+        if isinstance(call, LayerCalls):
+            call = call.of(self._index[id(layer)])
+        return _run_layer(layer, hidden.to(self.device), call)
+
+
+class _OnDevice(Sequence[torch.Tensor]):
+    """Host tensors seen through ``.to(device)`` one at a time (never all on the device)."""
+
+    def __init__(self, tensors: list[torch.Tensor], device: torch.device) -> None:
+        self.tensors, self.device = tensors, device
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.tensors[i].to(self.device)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (t.to(self.device) for t in self.tensors)
 
 
 @torch.no_grad()
@@ -103,6 +210,7 @@ def apply_plan_sequential_(
     damp: float = DEFAULT_DAMP,
     batch_size: int = 8,
     progress: bool = False,
+    target: Target | str = DEFAULT_TARGET,
 ) -> GQAGeometry:
     """Slice ``model`` to ``plan`` layer by layer, compensating each cut on calibration data.
 
@@ -122,12 +230,14 @@ def apply_plan_sequential_(
         damp: ridge strength of ``lstsq`` relative to the mean diagonal of the kept Gram block.
         batch_size: calibration sequences per layer forward.
         progress: show a progress bar over layers.
+        target: ``local`` (refit to the layer's own output on the pruned inputs) or
+            ``dense`` (to the dense model's output; ``lstsq`` only).
 
     Returns:
         The geometry of the pruned model.
     """
     return prune_sequential_(
-        model, plan, calibration_ids, compensation, damp, batch_size, progress
+        model, plan, calibration_ids, compensation, damp, batch_size, progress, target=target
     )[1]
 
 
@@ -141,6 +251,7 @@ def prune_sequential_(
     batch_size: int = 8,
     progress: bool = False,
     selection: Selection | str = "score",
+    target: Target | str = DEFAULT_TARGET,
 ) -> tuple[PruningPlan, GQAGeometry]:
     """:func:`apply_plan_sequential_`, optionally choosing which units go (same counts).
 
@@ -153,41 +264,137 @@ def prune_sequential_(
     Returns:
         ``(plan, geometry)``: the plan that was really applied, and the pruned geometry.
     """
-    check_compensation(compensation, damp)
-    check_selection(selection, compensation)
-    if compensation == "none":
-        return plan, apply_plan_(model, plan)
-    calibration_ids = check_calibration_ids(compensation, calibration_ids, batch_size)
-    adapter = get_adapter(model)
-    layers = adapter.decoder_layers(model)
-    by_layer = {lp.layer_idx: lp for lp in plan.layers}
-    if len(plan.layers) != len(layers) or sorted(by_layer) != list(range(len(layers))):
-        raise GQAPruneError(
-            f"pruning plan covers layers {sorted(by_layer)} but the model has {len(layers)}"
-        )
     was_training = model.training
     model.eval()  # no dropout in the calibration passes
-    if compensation == "bias":
-        add_output_biases_(model, adapter)
-    states, calls = record_layer_inputs(model, calibration_ids, batch_size)
-    applied = []
-    for i in tqdm(range(len(layers)), desc=f"compensation {compensation}", disable=not progress):
-        layer = layers[i]
-        applied.append(
-            prune_layer_(
-                layer, by_layer[i], plan, states, calls[i], adapter, compensation, damp, selection
-            )
+    try:
+        return prune_layerwise_(
+            ResidentLayers(model),
+            plan,
+            calibration_ids,
+            compensation,
+            damp,
+            batch_size,
+            progress,
+            selection,
+            target,
         )
-        if i + 1 < len(layers):
-            for b, (hidden, call) in enumerate(zip(states, calls[i], strict=True)):
-                states[b] = _run_layer(layer, hidden, call)
-    del states, calls
-    model.train(was_training)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def prune_layerwise_(
+    walk: LayerWalk,
+    plan: PruningPlan,
+    calibration_ids: torch.Tensor | None,
+    compensation: Compensation | str = "lstsq",
+    damp: float = DEFAULT_DAMP,
+    batch_size: int = 8,
+    progress: bool = False,
+    selection: Selection | str = "score",
+    target: Target | str = DEFAULT_TARGET,
+) -> tuple[PruningPlan, GQAGeometry]:
+    """The engine: :func:`prune_sequential_` over any :class:`LayerWalk` (see the module doc).
+
+    Returns:
+        ``(plan, geometry)``: the plan that was really applied, and the pruned geometry.
+    """
+    check_compensation(compensation, damp, target)
+    check_selection(selection, compensation)
+    adapter, model = walk.adapter, walk.model
+    n = walk.num_layers
+    by_layer = {lp.layer_idx: lp for lp in plan.layers}
+    if len(plan.layers) != n or sorted(by_layer) != list(range(n)):
+        raise GQAPruneError(f"pruning plan covers layers {sorted(by_layer)} but the model has {n}")
+    states: list[torch.Tensor] = []
+    calls: list[LayerCalls] = []
+    if compensation != "none":
+        calibration_ids = check_calibration_ids(compensation, calibration_ids, batch_size)
+        states, calls = walk.capture(list(calibration_ids.split(batch_size)))
+    if compensation == "bias":
+        setattr(model.config, OUTPUT_BIAS_FLAG, True)
+    dense_states: list[torch.Tensor] | None = None  # == states until a layer is cut
+    applied = []
+    desc = f"compensation {compensation}" + ("" if target == "local" else f", {target} target")
+    for i in tqdm(range(n), desc=desc, disable=not progress):
+        lp = by_layer[i]
+        with walk.layer(i, changed=True) as layer:
+            if compensation == "none":
+                slice_layer_(layer, lp, plan, adapter)
+                applied.append(lp)
+                continue
+            if compensation == "bias":
+                add_layer_output_biases_(layer, adapter)
+            layer_calls = [c.of(i) for c in calls]
+            cut = attention_cut(layer, lp, plan, adapter) or len(lp.keep_mlp_channels) != (
+                adapter.mlp_projections(layer)[2].in_features
+            )
+            targets = None
+            if target == "dense" and (cut or dense_states is not None):
+                if dense_states is None:
+                    dense_states = list(states)
+                targets = _dense_pass(walk, layer, dense_states, layer_calls)
+            view = _OnDevice(states, walk.device)
+            applied.append(
+                prune_layer_(
+                    layer,
+                    lp,
+                    plan,
+                    view,
+                    layer_calls,
+                    adapter,
+                    compensation,
+                    damp,
+                    selection,
+                    targets,
+                )
+            )
+            del targets
+            if i + 1 < n:
+                for b, call in enumerate(layer_calls):
+                    states[b] = walk.run(layer, states[b], call).to(walk.host)
+    del states, calls, dense_states
     plan = replace(plan, layers=tuple(applied))
     geometry = adapter.geometry(model)
     update_config_(model.config, geometry)
     check_pruned_model(model, plan)
     return plan, geometry
+
+
+def _dense_pass(
+    walk: LayerWalk, layer: nn.Module, dense_states: list[torch.Tensor], calls: Sequence[LayerCall]
+) -> tuple[_OnDevice, _OnDevice]:
+    """Pass 0: run the (still dense) layer on the dense stream, recording ``Y`` of
+    ``o_proj`` and ``down_proj`` per batch; ``dense_states`` advance to its outputs.
+
+    Returns:
+        ``(y_o, y_down)``: per-batch targets on the host, seen on the device one at a time
+        (``y_o`` empty when the layer has no attention block).
+    """
+    adapter = walk.adapter
+    outputs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+
+    def recorder(sink: list[torch.Tensor]) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            bias = getattr(module, "bias", None)  # the refit fits X V^T to Y - b
+            y = out.detach() if bias is None else out.detach() - bias
+            sink.append(y.to(walk.host))
+
+        return record
+
+    linears = [adapter.mlp_projections(layer)[2]]
+    if adapter.has_attention(layer):
+        linears.insert(0, adapter.attention_projections(layer)[3])
+    sinks = outputs if len(linears) == 2 else outputs[1:]
+    pairs = zip(linears, sinks, strict=True)
+    handles = [lin.register_forward_hook(recorder(s)) for lin, s in pairs]
+    try:
+        for b, call in enumerate(calls):
+            dense_states[b] = walk.run(layer, dense_states[b], call).to(walk.host)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _OnDevice(outputs[0], walk.device), _OnDevice(outputs[1], walk.device)
 
 
 def check_calibration_ids(
@@ -266,20 +473,22 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch
 
 def _collect(
     layer: nn.Module,
-    linears: Sequence[nn.Linear],
+    linear: nn.Linear,
     states: Sequence[torch.Tensor],
     calls: Sequence[LayerCall],
     gram: bool,
-) -> list[InputStats]:
-    """Run ``layer`` over the calibration batches, recording the inputs of ``linears``."""
-    stats = [InputStats(linear, gram) for linear in linears]
+    targets: Sequence[torch.Tensor] | None = None,
+) -> InputStats:
+    """Run ``layer`` over the calibration batches, recording the inputs of ``linear``
+    (and ``X^T Y`` against the per-batch dense ``targets``, when given)."""
+    stats = [InputStats(linear, gram, targets)]
     try:
         for hidden, call in zip(states, calls, strict=True):
             _run_layer(layer, hidden, call)
     finally:
         for s in stats:
             s.remove()
-    return stats
+    return stats[0]
 
 
 def _correction(
@@ -289,7 +498,7 @@ def _correction(
     if compensation == "lstsq":
         if stats.gram is None:
             raise RuntimeError("lstsq compensation needs the Gram matrix of the inputs")
-        return ridge_refit(linear.weight, stats.gram, keep, damp)
+        return ridge_refit(linear.weight, stats.gram, keep, damp, stats.cross)
     return removed_mean_contribution(linear.weight, stats.mean, keep)
 
 
@@ -313,6 +522,7 @@ def prune_layer_(
     compensation: str,
     damp: float,
     selection: str = "score",
+    targets: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
 ) -> LayerPlan:
     """Slice one layer to ``lp``: attention first, then the MLP on the new attention output.
 
@@ -320,7 +530,8 @@ def prune_layer_(
     the block, ``bias`` keeps the mean of its output as the removed block's constant.
     With ``selection="repair"`` the kept groups / channels (same counts as ``lp``) are chosen
     on the Gram matrix just collected, before slicing, and the selection's own ridge refit
-    (``lam`` over all inputs) is written (:mod:`.selection`).
+    (``lam`` over all inputs) is written (:mod:`.selection`). ``targets`` are the dense
+    model's ``o_proj`` / ``down_proj`` outputs per batch (pass 0; dense targets).
 
     Returns:
         The layer plan that was applied (``lp`` itself unless ``repair`` chose others).
@@ -332,12 +543,12 @@ def prune_layer_(
     repair = selection == "repair"
     if cut_attn:
         o = adapter.attention_projections(layer)[3]
-        (o_stats,) = _collect(layer, [o], states, calls, gram)
+        o_stats = _collect(layer, o, states, calls, gram, None if targets is None else targets[0])
         width = plan.queries_per_kv * plan.head_dim
         fix = None
         if repair and lp.keep_kv_groups and o_stats.gram is not None:
             groups, fix = select_kept_units(
-                o.weight, o_stats.gram, len(lp.keep_kv_groups), damp, width
+                o.weight, o_stats.gram, len(lp.keep_kv_groups), damp, width, o_stats.cross
             )
             lp = replace(lp, keep_kv_groups=groups)
         keep = group_rows(lp.keep_kv_groups, width)
@@ -351,10 +562,11 @@ def prune_layer_(
         if fix is not None and compensation == "lstsq":  # the refit kept columns
             _apply_correction_(o, fix, compensation)
     if cut_mlp:
-        (down_stats,) = _collect(layer, [down], states, calls, gram)
+        y_down = None if targets is None else targets[1]
+        down_stats = _collect(layer, down, states, calls, gram, y_down)
         if repair and down_stats.gram is not None:  # selection and refit in one (W')
             channels, fix = select_kept_units(
-                down.weight, down_stats.gram, len(lp.keep_mlp_channels), damp
+                down.weight, down_stats.gram, len(lp.keep_mlp_channels), damp, 1, down_stats.cross
             )
             lp = replace(lp, keep_mlp_channels=channels)
         else:
@@ -374,19 +586,24 @@ def add_output_biases_(model: nn.Module, adapter: ArchitectureAdapter | None = N
     """
     adapter = adapter or get_adapter(model)
     for layer in adapter.decoder_layers(model):
-        down = adapter.mlp_projections(layer)[2]
-        if adapter.has_attention(layer):
-            outputs = [adapter.attention_projections(layer)[3], down]
-        else:  # an attention block removed earlier: its constant output becomes the bias
-            outputs = [down]
-            removed = adapter.attention(layer)
-            if removed.bias is None:
-                removed.bias = nn.Parameter(torch.zeros_like(down.weight[:, 0]))
-        for linear in outputs:
-            if linear.bias is None:
-                w = linear.weight
-                linear.bias = nn.Parameter(
-                    torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
-                    requires_grad=w.requires_grad,
-                )
+        add_layer_output_biases_(layer, adapter)
     setattr(model.config, OUTPUT_BIAS_FLAG, True)
+
+
+def add_layer_output_biases_(layer: nn.Module, adapter: ArchitectureAdapter) -> None:
+    """:func:`add_output_biases_` for one decoder layer (does not set the config flag)."""
+    down = adapter.mlp_projections(layer)[2]
+    if adapter.has_attention(layer):
+        outputs = [adapter.attention_projections(layer)[3], down]
+    else:  # an attention block removed earlier: its constant output becomes the bias
+        outputs = [down]
+        removed = adapter.attention(layer)
+        if removed.bias is None:
+            removed.bias = nn.Parameter(torch.zeros_like(down.weight[:, 0]))
+    for linear in outputs:
+        if linear.bias is None:
+            w = linear.weight
+            linear.bias = nn.Parameter(
+                torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                requires_grad=w.requires_grad,
+            )

@@ -13,6 +13,18 @@ large ``lam`` falls back to plain deletion instead of shrinking ``W_S``, and wit
 removed the weights are returned unchanged. Since ``Delta = 0`` is a candidate, the error on
 the calibration inputs is never larger than that of plain deletion.
 
+**Dense targets** (error correction): the inputs ``X`` reaching a layer of the pruned model
+differ from the dense model's ``X_d`` (the layers below were pruned). Refitting to the dense
+model's own output ``Y = X_d W^T`` instead of ``X W^T`` also corrects that drift::
+
+    W'_S = argmin_V  || Y - X_S V^T ||^2 + lam || V - W_S ||^2
+         = W_S + Delta,   Delta^T = (G_SS + lam I)^-1 (C_S - G_SS W_S^T),   C = X^T Y
+
+``C`` (in x out) is accumulated beside ``G`` from the dense model's projection outputs on the
+same tokens (no ``in x in`` cross-Gram is needed). With ``Y = X W^T`` (``C = G W^T``) this is
+the formula above. Extra cost: ``C`` is ``2 N in out`` flops and ``in x out`` fp32, less
+than the Gram matrix for ``down_proj`` (out = hidden < in), plus one pass of the dense layer.
+
 FLAP (An et al. 2024) instead adds the removed features' mean contribution as an output bias:
 ``b += W_R mean(X_R)``.
 """
@@ -40,7 +52,11 @@ def split_features(
 
 
 def ridge_refit(
-    weight: torch.Tensor, gram: torch.Tensor, keep: Sequence[int] | torch.Tensor, damp: float
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    keep: Sequence[int] | torch.Tensor,
+    damp: float,
+    cross: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kept input columns of ``weight``, refitted to reproduce the dense output.
 
@@ -50,6 +66,8 @@ def ridge_refit(
         keep: indices of the kept input features.
         damp: ridge strength relative to the kept inputs' energy,
             ``lam = damp * mean(diag(G_SS))``; must be > 0.
+        cross: ``(in, out)`` ``X^T Y`` with ``Y`` the dense model's outputs of this
+            projection on the same tokens (dense targets); None = ``Y = X W^T``.
 
     Returns:
         ``(out, len(keep))`` new weights of the kept columns, in ``weight``'s dtype. The
@@ -62,19 +80,26 @@ def ridge_refit(
         raise GQAPruneError(
             f"Gram matrix of shape {tuple(gram.shape)} does not fit weight {tuple(weight.shape)}"
         )
+    if cross is not None and cross.shape != (n_in, weight.shape[0]):
+        raise GQAPruneError(
+            f"cross product of shape {tuple(cross.shape)} does not fit weight {tuple(weight.shape)}"
+        )
     kept, removed = split_features(keep, n_in)
     kept, removed = kept.to(weight.device), removed.to(weight.device)
     w_kept = weight.index_select(1, kept)
-    if removed.numel() == 0:
+    if removed.numel() == 0 and cross is None:
         return w_kept.clone()
     # gather the blocks directly (no |S| x in intermediate); fp64 from here on
     g_ss = gram[kept[:, None], kept].double()
     lam = damp * g_ss.diagonal().mean()
     if not lam > 0:  # kept inputs never active on the calibration data: nothing to fit
         return w_kept.clone()
-    g_sr = gram[kept[:, None], removed].double()
-    rhs = g_sr @ weight.index_select(1, removed).double().T  # (|S|, out)
-    del g_sr
+    if cross is None:  # G_SR W_R^T
+        g_sr = gram[kept[:, None], removed].double()
+        rhs = g_sr @ weight.index_select(1, removed).double().T  # (|S|, out)
+        del g_sr
+    else:  # C_S - G_SS W_S^T
+        rhs = cross.index_select(0, kept).double() - g_ss @ w_kept.double().T
     g_ss.diagonal().add_(lam)
     info = torch.empty((), dtype=torch.int32, device=g_ss.device)
     torch.linalg.cholesky_ex(g_ss, out=(g_ss, info))  # in place: one |S|^2 fp64 block

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,13 +19,24 @@ class InputStats:
     Args:
         linear: the projection to observe.
         gram: also accumulate the Gram matrix (needed by ``lstsq``; ``bias`` needs the mean).
+        targets: per-call dense outputs ``Y`` of this projection (call ``i`` of the hook pairs
+            with ``targets[i]``, same tokens); accumulates ``cross = X^T Y`` (in x out, fp32).
     """
 
-    def __init__(self, linear: nn.Linear, gram: bool) -> None:
+    def __init__(
+        self, linear: nn.Linear, gram: bool, targets: Sequence[torch.Tensor] | None = None
+    ) -> None:
         n_in, device = linear.in_features, linear.weight.device
         self.count = 0
+        self.calls = 0
         self.sum = torch.zeros(n_in, dtype=torch.float64, device=device)
         self.gram = torch.zeros(n_in, n_in, dtype=torch.float32, device=device) if gram else None
+        self.targets = targets
+        self.cross = (
+            None
+            if targets is None
+            else torch.zeros(n_in, linear.out_features, dtype=torch.float32, device=device)
+        )
         self._handle = linear.register_forward_pre_hook(self)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -33,6 +45,10 @@ class InputStats:
         self.sum += x.sum(0, dtype=torch.float64)
         if self.gram is not None:
             self.gram.addmm_(x.T, x)
+        if self.cross is not None and self.targets is not None:
+            y = self.targets[self.calls]
+            self.cross.addmm_(x.T, y.reshape(-1, y.shape[-1]).to(x.device, torch.float32))
+        self.calls += 1
 
     @property
     def mean(self) -> torch.Tensor:

@@ -39,6 +39,7 @@ from torch import nn
 
 from gqa_prune.analysis.decoder_stack import (
     LayerCall,
+    LayerCalls,
     OutputHead,
     StopForward,
     hidden_of,
@@ -75,20 +76,6 @@ class StreamingConfig:
     @property
     def max_memory_bytes(self) -> int | None:
         return None if self.max_memory is None else parse_memory(self.max_memory)
-
-
-@dataclass(frozen=True)
-class LayerCalls:
-    """The recorded call of every decoder layer for one batch (``calls[layer]``).
-
-    Layers of one attention type share the same mask and rotary tensors, so this holds
-    references, not copies.
-    """
-
-    calls: tuple[LayerCall, ...]
-
-    def of(self, layer: int) -> LayerCall:
-        return self.calls[layer]
 
 
 class _CallRecorder(nn.Module):

@@ -10,7 +10,12 @@ from typing import Any
 import torch
 
 from gqa_prune.allocation import AllocationConfig
-from gqa_prune.compensation import DEFAULT_DAMP, check_compensation, check_selection
+from gqa_prune.compensation import (
+    DEFAULT_DAMP,
+    DEFAULT_TARGET,
+    check_compensation,
+    check_selection,
+)
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.perplexity import (
     PerplexityResult,
@@ -18,7 +23,7 @@ from gqa_prune.evaluation.perplexity import (
     next_token_nll_sum,
 )
 from gqa_prune.models.adapters import get_adapter
-from gqa_prune.pipeline import PruneOutcome, plan_pruning
+from gqa_prune.pipeline import PruneOutcome, needs_unit_scores, plan_pruning
 from gqa_prune.streaming.compensation import streaming_prune_sequential_
 from gqa_prune.streaming.executor import LayerStreamer
 from gqa_prune.streaming.memory import MemoryPlan, check_fits, estimate_memory, outside_bytes
@@ -108,6 +113,7 @@ def prune_model_streaming_(
     compensation_ids: torch.Tensor | None = None,
     compensation_damp: float = DEFAULT_DAMP,
     selection: str = "score",
+    compensation_target: str = DEFAULT_TARGET,
 ) -> PruneOutcome:
     """:func:`gqa_prune.prune_model_` with one decoder layer on the device at a time.
 
@@ -116,7 +122,7 @@ def prune_model_streaming_(
     Checks the memory cap first (:func:`check_streaming_memory`).
     """
     before = streamer.adapter.geometry(streamer.model)
-    check_compensation(compensation, compensation_damp)
+    check_compensation(compensation, compensation_damp, compensation_target)
     check_selection(selection, compensation)
     seq_len = int(calibration_ids.shape[-1]) if calibration_ids is not None else 1
     check_streaming_memory(streamer, batch_size, seq_len, criterion, compensation)
@@ -128,10 +134,19 @@ def prune_model_streaming_(
         lambda: streaming_unit_scores(
             streamer, calibration_ids, criterion, aggregation, batch_size, seed, progress
         ),
+        needs_scores=needs_unit_scores(mode, selection),
     )
     ids = calibration_ids if compensation_ids is None else compensation_ids
     plan, after = streaming_prune_sequential_(
-        streamer, plan, ids, compensation, compensation_damp, batch_size, progress, selection
+        streamer,
+        plan,
+        ids,
+        compensation,
+        compensation_damp,
+        batch_size,
+        progress,
+        selection,
+        compensation_target,
     )
     check_finite_streaming(streamer, calibration_ids[:1], step="after pruning")
     return PruneOutcome(plan, allocation, before, after, scores)

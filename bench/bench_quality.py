@@ -1,0 +1,228 @@
+"""Quality per compute: model x target x method -> zero-shot, perplexity, prune time.
+
+Every row prunes a fresh copy of the dense model the way ``gqa-prune`` does (layer
+importance, allocation, unit scores where the method needs them, selection, compensation;
+load and evaluation excluded) and prints:
+
+- the zero-shot mean (acc_norm; acc for BoolQ and WinoGrande) over the standard tasks, on the
+  first ``--zeroshot_limit`` items of each;
+- WikiText-2 perplexity on the first ``--eval_windows`` windows of 128;
+- prune seconds, and their ratio to ONE forward+backward pass over 32 x 128 calibration
+  tokens (batch 4) measured in the same process: LLM-Pruner's cost. CPU seconds are noisy on
+  a shared machine; the ratio is the figure to quote.
+
+Two splits, never mixed:
+
+- ``--split validation`` chooses defaults: calibration windows come from the first 90% of
+  WikiText-2 valid, perplexity from its last 10%, zero-shot from the validation files of
+  ARC-Easy, ARC-Challenge and OpenBookQA;
+- ``--split test`` reports: calibration from all of WikiText-2 valid, perplexity on the
+  WikiText-2 test split, zero-shot on the test items of all six tasks.
+
+Methods (``--methods``, comma-separated) are named presets of run settings, see ``METHODS``;
+``default`` is whatever ``RunConfig()`` holds today, ``v0`` the defaults before issue 15.
+
+    GQA_PRUNE_DATA_DIR=../shared/data python bench/bench_quality.py --split test \\
+        --targets smollm2-135m:total:0.25,smollm2-135m:total:0.5,gemma3-270m:non_embedding:0.25 \\
+        --methods v0,default --zeroshot_limit 100 --eval_windows 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+from zeroshot_column import ZeroShotColumn
+
+from gqa_prune.analysis import compute_layer_importance
+from gqa_prune.config import RunConfig
+from gqa_prune.data import bos_prefix, load_text, sample_calibration, tokenize_text
+from gqa_prune.evaluation.perplexity import evaluate_perplexity
+from gqa_prune.models.adapters import get_adapter
+from gqa_prune.models.loading import load_model
+from gqa_prune.pipeline import prune_model_
+from gqa_prune.runner import allocation_config
+from gqa_prune.search import split_validation
+
+# name -> RunConfig overrides (on top of today's defaults)
+METHODS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # the defaults before issue 15: removal layer importance, Taylor scores, local targets
+    "v0": dict(
+        layer_importance_method="removal",
+        selection="score",
+        compensation_target="local",
+        compensation_samples=64,
+    ),
+    "score": dict(selection="score", compensation_target="local"),
+    "repair": dict(selection="repair", compensation_target="local"),
+    "repair-dense": dict(selection="repair", compensation_target="dense"),
+    "score-dense": dict(selection="score", compensation_target="dense"),
+    "repair-removal": dict(selection="repair", layer_importance_method="removal"),
+    "repair-dense-removal": dict(
+        selection="repair", compensation_target="dense", layer_importance_method="removal"
+    ),
+    "none": dict(compensation="none", selection="score", compensation_target="local"),
+}
+
+
+def reference_seconds(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> float:
+    """One forward+backward pass over ``ids`` (the peer's whole cost), in seconds."""
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    for batch in ids.split(batch_size):
+        model(input_ids=batch, labels=batch).loss.backward()
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def prune_like_the_cli(
+    model: torch.nn.Module, c: RunConfig, tokens: torch.Tensor, bos: int | None
+) -> None:
+    """Layer importance + ``prune_model_`` with the run's windows and seeds (as the runner)."""
+    seq = c.taylor_seq_len
+    li_ids = sample_calibration(tokens, c.layer_importance_samples, seq, c.seed + 1, bos)
+    importance = compute_layer_importance(
+        model,
+        li_ids,
+        c.layer_importance_method,  # type: ignore[arg-type]
+        batch_size=c.taylor_batch_size,
+        progress=False,
+    ).scores
+    ids = sample_calibration(tokens, c.channel_importance_samples, seq, c.seed, bos)
+    comp_ids = None
+    if c.compensation != "none":
+        comp_ids = sample_calibration(tokens, c.compensation_samples, seq, c.seed + 2, bos)
+    prune_model_(
+        model,
+        ids,
+        allocation_config(c),
+        layer_importance=importance,
+        criterion=c.importance,
+        aggregation=c.aggregation,
+        mode=c.pruning_mode,  # type: ignore[arg-type]
+        batch_size=c.taylor_batch_size,
+        seed=c.seed,
+        progress=False,
+        compensation=c.compensation,
+        compensation_ids=comp_ids,
+        compensation_damp=c.compensation_damp,
+        selection=c.selection,
+        compensation_target=c.compensation_target,
+    )
+    model.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--targets",
+        default="smollm2-135m:total:0.25",
+        help="comma-separated model:basis:ratio (basis total or non_embedding)",
+    )
+    p.add_argument("--methods", default="v0,default")
+    p.add_argument("--split", choices=["validation", "test"], default="validation")
+    p.add_argument("--eval_windows", type=int, default=200, help="perplexity windows of 128")
+    p.add_argument("--zeroshot_limit", type=int, default=100, help="items per task (0 = off)")
+    p.add_argument("--zeroshot_batch_size", type=int, default=8)
+    p.add_argument("--validation_fraction", type=float, default=0.1)
+    p.add_argument("--set", action="append", default=[], help="extra RunConfig KEY=VALUE")
+    p.add_argument("--no_dense", action="store_true", help="skip the dense rows")
+    p.add_argument("--data_dir", default=os.environ.get("GQA_PRUNE_DATA_DIR"))
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    extra: dict[str, Any] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        default = getattr(RunConfig(), key)
+        extra[key] = type(default)(value) if default is not None else value
+    column = None
+    if args.zeroshot_limit:
+        column = ZeroShotColumn.create(
+            args.zeroshot_limit, args.split, args.data_dir, args.zeroshot_batch_size
+        )
+    rows: list[tuple[str, ...]] = []
+    for spec in args.targets.split(","):
+        name, basis, ratio = spec.split(":")
+        dense, tok = load_model(name, device="cpu")
+        dense.eval()
+        bos = bos_prefix(tok)
+        calib_tokens = tokenize_text(tok, load_text("wikitext2", "calibration", args.data_dir))
+        if args.split == "validation":
+            calib_tokens, eval_tokens = split_validation(calib_tokens, args.validation_fraction)
+        else:
+            eval_tokens = tokenize_text(tok, load_text("wikitext2", "eval", args.data_dir))
+        base = RunConfig(pruning_ratio=float(ratio), pruning_ratio_basis=basis, prune_mlp=True)
+        base = replace(base, **extra)
+        ref_ids = sample_calibration(calib_tokens, 32, base.taylor_seq_len, 0, bos)
+        reference_seconds(dense, ref_ids[:4], base.taylor_batch_size)  # warm-up
+        ref = reference_seconds(dense, ref_ids, base.taylor_batch_size)
+        target = f"{name} {100 * float(ratio):.0f}% {basis.replace('_', '-')}"
+
+        def evaluate(model: torch.nn.Module) -> tuple[str, str]:
+            ppl = evaluate_perplexity(
+                model,
+                eval_tokens,  # noqa: B023 - evaluated within the iteration
+                base.taylor_seq_len,  # noqa: B023
+                args.eval_windows,
+                progress=False,
+                bos_token_id=bos,  # noqa: B023
+            ).ppl
+            zs = column.cell(model, tok) if column is not None else "-"  # noqa: B023
+            return zs, f"{ppl:.2f}"
+
+        if not args.no_dense:
+            params = get_adapter(dense).geometry(dense).total_params
+            rows.append((target, "dense", *evaluate(dense), "", f"1 fwd+bwd = {ref:.1f} s", ""))
+            print(rows[-1], flush=True)
+        for method in args.methods.split(","):
+            c = replace(base, **METHODS[method])
+            model = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            prune_like_the_cli(model, c, calib_tokens, bos)
+            seconds = time.perf_counter() - t0
+            params = get_adapter(model).geometry(model).total_params
+            rows.append(
+                (
+                    target,
+                    method,
+                    *evaluate(model),
+                    f"{seconds:.1f}",
+                    f"{seconds / ref:.2f}x",
+                    f"{params:,}",
+                )
+            )
+            print(rows[-1], flush=True)
+            del model
+        del dense
+
+    zs = column.header if column is not None else "zero-shot (off)"
+    ppl_where = (
+        f"last {args.validation_fraction:.0%} of wikitext-2 valid"
+        if args.split == "validation"
+        else "wikitext-2 test"
+    )
+    print(
+        f"\nsplit {args.split}: perplexity on the first {args.eval_windows} windows of 128 of "
+        f"{ppl_where}; {zs}; prune time vs one forward+backward over 32 x 128 tokens; "
+        f"{torch.get_num_threads()} threads\n"
+    )
+    print(f"| target | method | {zs} mean | perplexity | prune s | vs fwd+bwd | parameters |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

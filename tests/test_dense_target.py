@@ -1,0 +1,223 @@
+"""Dense targets: the refit to the dense model's outputs, its selection, and the option end to end."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from gqa_prune import AllocationConfig, GQAPruneError, prune_model_
+from gqa_prune import pipeline as pipeline_mod
+from gqa_prune.compensation import prune_sequential_, ridge_refit
+from gqa_prune.compensation.selection import (
+    greedy_removal,
+    removal_error,
+    ridge_lambda,
+    unit_columns,
+)
+from gqa_prune.compensation.solve import split_features
+from gqa_prune.config import RunConfig
+from gqa_prune.streaming import LayerStreamer, StreamingConfig
+
+from conftest import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DAMP = 0.1
+LAYERS = {"groups": (4, 8), "channels": (8, 1)}  # (units, columns per unit)
+
+
+def drifted_layer(n_units: int, width: int, seed: int, out: int = 6, tokens: int = 64):
+    """(X, Y, W): pruned-stream inputs X, dense outputs Y = X_d W^T from drifted inputs X_d."""
+    g = torch.Generator().manual_seed(seed)
+    n_in = n_units * width
+    mix = torch.randn(n_in, n_in, generator=g, dtype=torch.float64) / n_in**0.5
+    x_dense = torch.randn(tokens, n_in, generator=g, dtype=torch.float64) @ (torch.eye(n_in) + mix)
+    x = x_dense + 0.3 * torch.randn(tokens, n_in, generator=g, dtype=torch.float64)
+    w = torch.randn(out, n_in, generator=g, dtype=torch.float64)
+    return x, x_dense @ w.T, w
+
+
+def lstsq_fit(x, y, w, kept, lam):
+    """``argmin_V ||Y - X_S V^T||^2 + lam ||V - W_S||^2`` and its value, by least squares on
+    the augmented rows ``[X_S; sqrt(lam) I] V^T = [Y; sqrt(lam) W_S^T]``."""
+    a = torch.cat([x[:, kept], lam**0.5 * torch.eye(kept.numel(), dtype=x.dtype)])
+    b = torch.cat([y, lam**0.5 * w[:, kept].T])
+    v_t = torch.linalg.lstsq(a, b, driver="gelsd").solution
+    return v_t.T, float((a @ v_t - b).square().sum())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dense_target_refit_equals_a_direct_least_squares_solve(seed):
+    x, y, w = drifted_layer(8, 1, seed)
+    gram, cross = x.T @ x, x.T @ y
+    for keep in ([0, 2, 3, 5, 7], [1, 4], list(range(8))):
+        kept, _ = split_features(keep, 8)
+        lam = DAMP * float(gram[kept[:, None], kept].diagonal().mean())  # ridge_refit's lam
+        expected, _ = lstsq_fit(x, y, w, kept, lam)
+        got = ridge_refit(w, gram, kept, DAMP, cross=cross)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-8, atol=1e-8)
+    # Y = X W^T (C = G W^T) is exactly the local target
+    kept, _ = split_features([0, 2, 3, 5, 7], 8)
+    torch.testing.assert_close(
+        ridge_refit(w, gram, kept, DAMP, cross=gram @ w.T), ridge_refit(w, gram, kept, DAMP)
+    )
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dense_target_removal_error_is_the_direct_objective_minus_the_full_fit(layer, seed):
+    n_units, width = LAYERS[layer]
+    x, y, w = drifted_layer(n_units, width, seed)
+    gram, cross = x.T @ x, x.T @ y
+    lam = ridge_lambda(gram, DAMP)
+    _, full = lstsq_fit(x, y, w, torch.arange(n_units * width), lam)  # F(W*)
+    for k in range(n_units):  # at least one unit stays
+        for r in itertools.combinations(range(n_units), k):
+            removed = unit_columns(list(r), width)
+            kept, _ = split_features(
+                [i for i in range(n_units * width) if i not in set(removed.tolist())],
+                n_units * width,
+            )
+            _, direct = lstsq_fit(x, y, w, kept, lam)
+            got = removal_error(w, gram, removed, lam, cross)
+            assert got == pytest.approx(direct - full, rel=1e-7, abs=1e-7), r
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("seed", range(3))
+def test_dense_target_greedy_step_is_the_exhaustive_argmin_and_its_refit_the_solution(layer, seed):
+    n_units, width = LAYERS[layer]
+    x, y, w = drifted_layer(n_units, width, seed + 5)
+    gram, cross = x.T @ x, x.T @ y
+    lam = ridge_lambda(gram, DAMP)
+    for k in range(1, n_units):
+        got = greedy_removal(w, gram, k, DAMP, width, chunk=1, cross=cross)
+        errors = {
+            r: removal_error(w, gram, unit_columns(list(r), width), lam, cross)
+            for r in itertools.combinations(range(n_units), k)
+        }
+        assert got.error == pytest.approx(errors[tuple(sorted(got.removed))], rel=1e-8, abs=1e-8)
+        assert got.error >= min(errors.values()) - 1e-8
+        if k == 1:
+            assert got.removed == min(errors, key=errors.__getitem__)
+        # the refit left by the downdates is the direct solution on the kept set
+        gone = set(unit_columns(list(got.removed), width).tolist())
+        kept = torch.tensor([i for i in range(n_units * width) if i not in gone])
+        expected, _ = lstsq_fit(x, y, w, kept, lam)
+        torch.testing.assert_close(got.refit[:, kept], expected, rtol=1e-7, atol=1e-7)
+        assert got.refit[:, sorted(gone)].abs().max() == 0
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_dense_target_greedy_equals_exhaustive_search_when_units_do_not_interact(layer):
+    """Block-diagonal G: the objective is additive over units, so greedy must be optimal."""
+    n_units, width = LAYERS[layer]
+    g = torch.Generator().manual_seed(9)
+    x = torch.zeros(8 * n_units, n_units * width, dtype=torch.float64)
+    for u in range(n_units):
+        x[8 * u : 8 * (u + 1), u * width : (u + 1) * width] = (0.5 + u % 3) * torch.randn(
+            8, width, generator=g, dtype=torch.float64
+        )
+    w = torch.randn(5, n_units * width, generator=g, dtype=torch.float64)
+    y = (x + 0.2 * torch.randn(x.shape, generator=g, dtype=torch.float64)) @ w.T
+    gram, cross = x.T @ x, x.T @ y
+    lam = ridge_lambda(gram, DAMP)
+    for k in range(1, n_units):
+        errors = {
+            r: removal_error(w, gram, unit_columns(list(r), width), lam, cross)
+            for r in itertools.combinations(range(n_units), k)
+        }
+        got = greedy_removal(w, gram, k, DAMP, width, chunk=1, cross=cross)
+        assert errors[tuple(sorted(got.removed))] == pytest.approx(min(errors.values()))
+
+
+# ---- end to end --------------------------------------------------------------------------
+
+IDS = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(3))
+ALLOC = AllocationConfig(pruning_ratio=0.35, prune_mlp=True, distribution=(3, 7))
+RUN = dict(layer_importance=[1.0, 3.0, 0.5], batch_size=4, progress=False, compensation="lstsq")
+
+
+@torch.no_grad()
+def output_error(model, dense, ids):
+    """Squared distance of the final hidden states (before the LM head) to the dense model's."""
+    h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    d = dense(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    return float((h - d).square().sum())
+
+
+@pytest.mark.parametrize("selection", ["score", "repair"])
+def test_dense_target_end_to_end(kind, selection):
+    dense = tiny_model(kind, num_hidden_layers=4)
+    run = dict(RUN, layer_importance=[1.0, 3.0, 0.5, 2.0], selection=selection)
+    local_model, dense_model = copy.deepcopy(dense), copy.deepcopy(dense)
+    local = prune_model_(local_model, IDS, ALLOC, **run)
+    target = prune_model_(dense_model, IDS, ALLOC, compensation_target="dense", **run)
+    assert target.after == local.after  # same counts: exact target, Q:KV ratio kept
+    assert all(
+        q == kv * target.before.queries_per_kv
+        for q, kv in zip(target.after.q_heads, target.after.kv_heads, strict=True)
+    )
+    if selection == "score":
+        assert target.plan == local.plan
+    # the weights differ (the refit corrects the drift), and the calibration outputs are
+    # closer to the dense model's than with local targets
+    differ = any(
+        not torch.equal(a, b)
+        for a, b in zip(dense_model.state_dict().values(), local_model.state_dict().values())
+    )
+    assert differ
+    assert output_error(dense_model, dense, IDS) < output_error(local_model, dense, IDS)
+    # deterministic, and streaming equals in memory
+    again = prune_model_(copy.deepcopy(dense), IDS, ALLOC, compensation_target="dense", **run)
+    assert again.plan == target.plan
+    streamer = LayerStreamer(copy.deepcopy(dense), StreamingConfig(device="cpu"))
+    streamed = prune_model_(
+        streamer.model, IDS, ALLOC, streaming=streamer, compensation_target="dense", **run
+    )
+    assert streamed.plan == target.plan and streamed.after == target.after
+    gathered = streamer.gather_("cpu")
+    for (name, p), q in zip(gathered.state_dict().items(), dense_model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_repair_selection_in_layer_mode_computes_no_unit_scores(monkeypatch):
+    dense = tiny_model()
+    # the reference: a plan from real scores, re-chosen by repair (only its counts matter)
+    scored = prune_model_(copy.deepcopy(dense), IDS, ALLOC, **RUN)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unit scores computed although repair selection ignores them")
+
+    monkeypatch.setattr(pipeline_mod, "compute_unit_scores", refuse)
+    model = copy.deepcopy(dense)
+    outcome = prune_model_(model, IDS, ALLOC, selection="repair", **RUN)
+    reference = copy.deepcopy(dense)
+    plan, _ = prune_sequential_(reference, scored.plan, IDS, batch_size=4, selection="repair")
+    assert outcome.plan == plan
+    for (name, p), q in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name)
+    with pytest.raises(AssertionError, match="unit scores computed"):  # global mode needs them
+        prune_model_(copy.deepcopy(dense), IDS, ALLOC, mode="global", selection="repair", **RUN)
+
+
+def test_dense_target_input_errors(tiny_run, capsys):
+    from gqa_prune.cli import main
+
+    from conftest import tiny_args
+
+    with pytest.raises(GQAPruneError, match="needs --compensation lstsq"):
+        prune_model_(tiny_model(), IDS, ALLOC, compensation="bias", compensation_target="dense")
+    with pytest.raises(GQAPruneError, match="unknown compensation target"):
+        prune_model_(tiny_model(), IDS, ALLOC, compensation_target="global")
+    with pytest.raises(GQAPruneError, match="needs --compensation lstsq"):
+        RunConfig(compensation="none", compensation_target="dense")
+    bad = tiny_args(tiny_run, "--compensation_target", "dense", "--compensation", "bias")
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "--compensation lstsq" in err and "Traceback" not in err
+    ok = tiny_args(
+        tiny_run, "--pruning_ratio", "0.3", "--prune_mlp", "--compensation_target", "dense"
+    )
+    assert main(ok) == 0
