@@ -19,7 +19,8 @@ Two splits, never mixed:
 - ``--split test`` reports: calibration from all of WikiText-2 valid, perplexity on the
   WikiText-2 test split, zero-shot on the test items of all six tasks.
 
-Methods (``--methods``, comma-separated) are named presets of run settings, see ``METHODS``;
+Methods (``--methods``, comma-separated) are named presets of run settings, see ``METHODS``,
+each optionally followed by ``@KEY=VALUE`` overrides (``repair-local-bi@alpha=1``);
 ``default`` is whatever ``RunConfig()`` holds today, ``v0`` the defaults before issue 15.
 
     GQA_PRUNE_DATA_DIR=../shared/data python bench/bench_quality.py --split test \\
@@ -59,16 +60,37 @@ METHODS: dict[str, dict[str, Any]] = {
         compensation_target="local",
         compensation_samples=64,
     ),
-    "score": dict(selection="score", compensation_target="local"),
-    "repair": dict(selection="repair", compensation_target="local"),
-    "repair-dense": dict(selection="repair", compensation_target="dense"),
-    "score-dense": dict(selection="score", compensation_target="dense"),
-    "repair-removal": dict(selection="repair", layer_importance_method="removal"),
-    "repair-dense-removal": dict(
-        selection="repair", compensation_target="dense", layer_importance_method="removal"
+    "none": dict(  # v0 without repair
+        layer_importance_method="removal", selection="score", compensation="none"
     ),
-    "none": dict(compensation="none", selection="score", compensation_target="local"),
 }
+for _li, _tag in (("removal", "rm"), ("block_influence", "bi")):
+    for _sel in ("score", "repair"):
+        for _target in ("local", "dense"):
+            METHODS[f"{_sel}-{_target}-{_tag}"] = dict(
+                layer_importance_method=_li, selection=_sel, compensation_target=_target
+            )
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> RunConfig overrides, typed like the field's default."""
+    out: dict[str, Any] = {}
+    defaults = RunConfig()
+    for item in items:
+        key, _, value = item.partition("=")
+        if not hasattr(defaults, key):
+            raise SystemExit(f"unknown RunConfig setting '{key}'")
+        default = getattr(defaults, key)
+        out[key] = type(default)(value) if default is not None else value
+    return out
+
+
+def method_settings(spec: str) -> dict[str, Any]:
+    """``preset[@KEY=VALUE...]`` -> RunConfig overrides (e.g. ``default@alpha=1``)."""
+    name, *overrides = spec.split("@")
+    if name not in METHODS:
+        raise SystemExit(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
+    return {**METHODS[name], **parse_settings(overrides)}
 
 
 def reference_seconds(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> float:
@@ -139,14 +161,8 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    unknown = [m for m in args.methods.split(",") if m not in METHODS]
-    if unknown:
-        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    extra: dict[str, Any] = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        default = getattr(RunConfig(), key)
-        extra[key] = type(default)(value) if default is not None else value
+    methods = {m: method_settings(m) for m in args.methods.split(",")}
+    extra = parse_settings(args.set)
     column = None
     if args.zeroshot_limit:
         column = ZeroShotColumn.create(
@@ -186,8 +202,8 @@ def main() -> None:
             params = get_adapter(dense).geometry(dense).total_params
             rows.append((target, "dense", *evaluate(dense), "", f"1 fwd+bwd = {ref:.1f} s", ""))
             print(rows[-1], flush=True)
-        for method in args.methods.split(","):
-            c = replace(base, **METHODS[method])
+        for method, settings in methods.items():
+            c = replace(base, **settings)
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
             prune_like_the_cli(model, c, calib_tokens, bos)

@@ -1,4 +1,4 @@
-"""Dense targets: the refit to the dense model's outputs, its selection, and the option end to end."""
+"""Dense targets: the refit to the dense outputs, its selection, the option end to end."""
 
 import copy
 import itertools
@@ -221,3 +221,23 @@ def test_dense_target_input_errors(tiny_run, capsys):
         tiny_run, "--pruning_ratio", "0.3", "--prune_mlp", "--compensation_target", "dense"
     )
     assert main(ok) == 0
+
+
+def test_streaming_memory_estimate_counts_repair_dense_targets_and_no_gradients():
+    from gqa_prune.streaming.pipeline import plan_memory
+
+    model = tiny_model(intermediate_size=512)  # the down_proj Gram dominates the step
+
+    def largest(**kw):
+        return plan_memory(model, 2, 16, "taylor", "lstsq", **kw).largest
+
+    score, repair = largest(), largest(selection="repair")
+    dense = largest(selection="repair", target="dense")
+    assert score.step == repair.step == "lstsq"
+    n, o = 512, 48
+    assert score.working == 16 * n * n + 24 * n * o  # Gram fp32 + the fp64 solve
+    assert repair.working == 20 * n * n + 8 * n * o  # Gram fp32 + H^-1, its copy, W' (fp64)
+    assert dense.working == repair.working + 4 * n * o  # + X^T Y (fp32)
+    # repair in layer mode needs no backward: smaller activations than Taylor scoring
+    assert repair.activations < score.activations
+    assert largest(selection="repair", mode="global").activations == score.activations

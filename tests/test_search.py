@@ -27,7 +27,8 @@ TEXT = (ENGLISH + ENGLISH[::-1]) * 10
 SPLITS = ((0.0, 10.0), (3.0, 7.0), (6.0, 4.0))
 
 
-def test_search_equals_direct_pruning_and_picks_the_best():
+@pytest.mark.parametrize("selection, target", [("score", "local"), ("repair", "dense")])
+def test_search_equals_direct_pruning_and_picks_the_best(selection, target):
     model, tok = tiny_model("llama4", seed=5), char_tokenizer()
     dense_state = copy.deepcopy(model.state_dict())
     config = SearchConfig(
@@ -44,6 +45,8 @@ def test_search_equals_direct_pruning_and_picks_the_best():
         eval_max_windows=6,
         compensation="lstsq",
         compensation_samples=2,
+        selection=selection,
+        compensation_target=target,
         seed=3,
     )
     result = search_distributions(model, tok, TEXT, config, progress=False)
@@ -69,6 +72,8 @@ def test_search_equals_direct_pruning_and_picks_the_best():
             progress=False,
             compensation="lstsq",
             compensation_ids=compensation,
+            selection=selection,
+            compensation_target=target,
         )
         direct.append(evaluate_perplexity(copy_, val_tokens, 32, 6, progress=False).ppl)
     found = [c.ppl for c in result.candidates]
@@ -151,6 +156,10 @@ def test_search_command_writes_table_json_and_plot(tiny_run, capsys):
         (["--distributions", "1:9,oops"], "--distributions item 'oops' is not of the form a:m"),
         (["--distributions", "1:9", "--validation_fraction", "1.5"], "--validation_fraction"),
         (["--distributions", "1:9", "--pruning_ratio", "2"], "--pruning_ratio"),
+        (
+            ["--distributions", "1:9", "--compensation_target", "dense", "--compensation", "bias"],
+            "needs --compensation lstsq",
+        ),
     ],
 )
 def test_search_command_bad_input(tiny_run, capsys, extra, words):

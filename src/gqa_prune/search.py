@@ -41,7 +41,13 @@ from torch import nn
 
 from gqa_prune.allocation import Allocation, AllocationConfig, allocate, allocate_global
 from gqa_prune.analysis import compute_layer_importance
-from gqa_prune.compensation import DEFAULT_DAMP, apply_plan_sequential_, check_compensation
+from gqa_prune.compensation import (
+    DEFAULT_DAMP,
+    DEFAULT_TARGET,
+    check_compensation,
+    check_selection,
+    prune_sequential_,
+)
 from gqa_prune.data import bos_prefix, sample_calibration, tokenize_text
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.perplexity import evaluate_perplexity
@@ -142,6 +148,8 @@ class SearchConfig:
         compensation: ``none``, ``lstsq`` or ``bias`` (see ``gqa_prune.compensation``).
         compensation_samples: calibration windows of the compensation.
         compensation_damp: ridge strength of ``lstsq``.
+        selection: ``score`` or ``repair`` (which units go; see ``gqa_prune.compensation``).
+        compensation_target: ``local`` or ``dense`` (what the ``lstsq`` refit reproduces).
         seed: seed of the calibration sampling (and of the ``random`` criterion).
         rank_by: ``ppl`` (validation perplexity, lower is better) or ``zeroshot``
             (validation zero-shot accuracy, higher is better; ties -> lower perplexity).
@@ -169,6 +177,8 @@ class SearchConfig:
     compensation: str = "lstsq"
     compensation_samples: int = 64
     compensation_damp: float = DEFAULT_DAMP
+    selection: str = "score"
+    compensation_target: str = DEFAULT_TARGET
     seed: int = 42
     rank_by: RankBy = "ppl"
     zeroshot_tasks: str = SUITE
@@ -183,7 +193,8 @@ class SearchConfig:
                 "--validation_fraction must be between 0 and 1 (exclusive), got "
                 f"{self.validation_fraction}"
             )
-        check_compensation(self.compensation, self.compensation_damp)
+        check_compensation(self.compensation, self.compensation_damp, self.compensation_target)
+        check_selection(self.selection, self.compensation)
         if self.rank_by not in RANK_BY:
             raise GQAPruneError(f"unknown --rank_by '{self.rank_by}'; choose ppl or zeroshot")
         if self.zeroshot_limit is not None and self.zeroshot_limit <= 0:
@@ -359,9 +370,10 @@ def _candidate(
     if shared.compensation_ids is None:
         after = apply_plan_(pruned, plan)
     else:
-        after = apply_plan_sequential_(
+        plan, after = prune_sequential_(
             pruned, plan, shared.compensation_ids, config.compensation,
-            config.compensation_damp, config.batch_size, progress,
+            config.compensation_damp, config.batch_size, progress, config.selection,
+            config.compensation_target,
         )  # fmt: skip
     ppl = perplexity(pruned)
     log.info("search: split %g:%g -> validation perplexity %.3f", a, m, ppl)

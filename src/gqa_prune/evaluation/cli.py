@@ -21,6 +21,8 @@ from gqa_prune.config import (
     COMPENSATIONS,
     IMPORTANCE_CRITERIA,
     LAYER_IMPORTANCE_METHODS,
+    SELECTIONS,
+    TARGETS,
     RunConfig,
 )
 from gqa_prune.errors import GQAPruneError
@@ -103,6 +105,8 @@ def build_search_parser() -> argparse.ArgumentParser:
     g.add_argument("--compensation", default=d.compensation, choices=COMPENSATIONS)
     g.add_argument("--compensation_samples", type=int, default=d.compensation_samples)
     g.add_argument("--compensation_damp", type=float, default=d.compensation_damp)
+    g.add_argument("--selection", default=d.selection, choices=SELECTIONS)
+    g.add_argument("--compensation_target", default=d.compensation_target, choices=TARGETS)
     g = p.add_argument_group("validation perplexity")
     g.add_argument("--eval_seq_len", type=int, default=d.eval_seq_len)
     g.add_argument("--eval_max_windows", type=_int_or_none, default=d.eval_max_windows)
@@ -173,6 +177,8 @@ def search_main(argv: Sequence[str]) -> int:
         compensation=run.compensation,
         compensation_samples=run.compensation_samples,
         compensation_damp=run.compensation_damp,
+        selection=run.selection,
+        compensation_target=run.compensation_target,
         seed=run.seed,
         zeroshot_data_dir=zeroshot_dir,
         **ranking,

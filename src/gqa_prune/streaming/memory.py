@@ -165,6 +165,8 @@ def estimate_memory(
     criterion: str,
     compensation: str,
     needs_grad: bool,
+    selection: str = "score",
+    target: str = "local",
 ) -> MemoryPlan:
     """Upper-bound estimate of the compute-device memory of a streaming run.
 
@@ -179,6 +181,9 @@ def estimate_memory(
         criterion: unit criterion (``taylor``/``taylor2`` keep gradients).
         compensation: ``lstsq`` adds its Gram matrix and fp64 solve.
         needs_grad: the criterion backpropagates (Taylor).
+        selection: ``repair`` holds ``H^-1`` (fp64), a transient fp64 copy and ``W'`` (fp64)
+            beside the fp32 Gram matrix instead of the ridge solve.
+        target: ``dense`` adds the fp32 cross product ``X^T Y`` (out x in).
     """
     tokens = batch_size * seq_len
     # logits in the model dtype and fp32 (+ their gradient for Taylor)
@@ -200,7 +205,12 @@ def estimate_memory(
         # fp32 element scores of a block (three projections' worth, and their concat)
         steps = {"scores": 2 * 4 * 3 * biggest}
         if compensation == "lstsq":
-            steps["lstsq"] = 16 * widest * widest + 24 * biggest
+            if selection == "repair":  # Gram fp32 + H^-1 and its transient fp64 + W' fp64
+                steps["lstsq"] = 20 * widest * widest + 8 * biggest
+            else:  # Gram fp32 + the fp64 solve
+                steps["lstsq"] = 16 * widest * widest + 24 * biggest
+            if target == "dense":  # X^T Y (fp32)
+                steps["lstsq"] += 4 * biggest
         elif compensation == "bias":
             steps["bias"] = 8 * widest
         step, work = max(steps.items(), key=lambda kv: kv[1])

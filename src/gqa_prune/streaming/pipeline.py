@@ -41,6 +41,9 @@ def plan_memory(
     criterion: str = "taylor",
     compensation: str = "lstsq",
     layers_in_device_memory: bool = False,
+    selection: str = "score",
+    target: str = DEFAULT_TARGET,
+    mode: str = "layer",
 ) -> MemoryPlan:
     """Estimate the compute-device memory of pruning ``model`` (an upper bound).
 
@@ -50,6 +53,8 @@ def plan_memory(
         criterion, compensation: the pruning settings (Taylor keeps gradients, ``lstsq``
             a Gram matrix and its solve).
         layers_in_device_memory: the parked layers share the device's memory.
+        selection, target, mode: ``repair`` selection in ``layer`` mode computes no unit
+            scores (no gradients); ``repair`` and ``dense`` targets hold more per layer.
     """
     config: Any = model.config
     layers = list(get_adapter(model).decoder_layers(model))
@@ -66,12 +71,21 @@ def plan_memory(
         seq_len=seq_len,
         criterion=criterion,
         compensation=compensation,
-        needs_grad=criterion in _GRAD_CRITERIA,
+        needs_grad=criterion in _GRAD_CRITERIA and needs_unit_scores(mode, selection),
+        selection=selection,
+        target=target,
     )
 
 
 def check_streaming_memory(
-    streamer: LayerStreamer, batch_size: int, seq_len: int, criterion: str, compensation: str
+    streamer: LayerStreamer,
+    batch_size: int,
+    seq_len: int,
+    criterion: str,
+    compensation: str,
+    selection: str = "score",
+    target: str = DEFAULT_TARGET,
+    mode: str = "layer",
 ) -> MemoryPlan:
     """Raise a GQAPruneError if one layer plus the resident modules exceed ``max_memory``."""
     plan = plan_memory(
@@ -81,6 +95,9 @@ def check_streaming_memory(
         criterion,
         compensation,
         streamer.layers_in_device_memory,
+        selection,
+        target,
+        mode,
     )
     advice = "raise --max_memory, lower --taylor_batch_size"
     if streamer.layers_in_device_memory:
@@ -125,7 +142,16 @@ def prune_model_streaming_(
     check_compensation(compensation, compensation_damp, compensation_target)
     check_selection(selection, compensation)
     seq_len = int(calibration_ids.shape[-1]) if calibration_ids is not None else 1
-    check_streaming_memory(streamer, batch_size, seq_len, criterion, compensation)
+    check_streaming_memory(
+        streamer,
+        batch_size,
+        seq_len,
+        criterion,
+        compensation,
+        selection,
+        compensation_target,
+        mode,
+    )
     allocation, scores, plan = plan_pruning(
         before,
         allocation_config,

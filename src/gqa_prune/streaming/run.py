@@ -65,15 +65,20 @@ def load_for_run(config: Any) -> tuple[Any, Any, LayerStreamer | None]:
         config.importance,
         config.compensation,
     )
+    settings = dict(
+        selection=config.selection,
+        target=config.compensation_target,
+        mode=config.pruning_mode,
+    )
     if config.offload_dir is not None:
         check_streaming_options(config)
         model, tokenizer, streamer = load_model_offloaded(config.base_model, dtype, stream)
-        check_streaming_memory(streamer, *importance_args)
+        check_streaming_memory(streamer, *importance_args, **settings)
         return model, tokenizer, streamer
     model, tokenizer = load_model(config.base_model, dtype=dtype, device="cpu")
     if not config.streaming:  # only --max_memory: stream only if the model does not fit
         cap = stream.max_memory_bytes
-        dense = plan_memory(model, *importance_args, layers_in_device_memory=True).dense
+        dense = plan_memory(model, *importance_args, layers_in_device_memory=True, **settings).dense
         if cap is not None and dense <= cap:
             log.info(
                 "in-memory mode: the run needs about %s, within --max_memory %s",
@@ -88,5 +93,5 @@ def load_for_run(config: Any) -> tuple[Any, Any, LayerStreamer | None]:
         )
     check_streaming_options(config)
     streamer = LayerStreamer(model, stream)
-    check_streaming_memory(streamer, *importance_args)
+    check_streaming_memory(streamer, *importance_args, **settings)
     return model, tokenizer, streamer
