@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import json
 
 import pytest
 import torch
@@ -271,7 +272,8 @@ def test_cli_saves_the_plan_it_applied_and_refuses_repair_without_lstsq(tiny_run
     from conftest import tiny_args
 
     args = ("--pruning_ratio", "0.3", "--prune_mlp", "--save_model")
-    for name, extra in (("score", ()), ("repair", ("--selection", "repair"))):
+    # the default (auto) is repair with lstsq compensation
+    for name, extra in (("score", ("--selection", "score")), ("repair", ())):
         assert main(tiny_args(tiny_run, *args, "--save_ckpt_log_name", name, *extra)) == 0
     plans = {
         n: PruningPlan.load(tiny_run["logs"] / n / "pruning_plan.json") for n in ("score", "repair")
@@ -288,6 +290,13 @@ def test_cli_saves_the_plan_it_applied_and_refuses_repair_without_lstsq(tiny_run
         gate = f"{prefix}.mlp.gate_proj.weight"
         torch.testing.assert_close(saved[gate], dense[gate][list(lp.keep_mlp_channels)])
 
+    # auto falls back to score where repair cannot run
+    bias = ("--compensation", "bias", "--save_ckpt_log_name", "b")
+    assert main(tiny_args(tiny_run, *args, *bias)) == 0
+    method = json.loads((tiny_run["logs"] / "b" / "summary.json").read_text())["method"]
+    assert method["selection"] == "score" and method["importance"] == "taylor"
+    method = json.loads((tiny_run["logs"] / "repair" / "summary.json").read_text())["method"]
+    assert method["selection"] == "repair" and method["importance"] is None
     bad = tiny_args(tiny_run, "--selection", "repair", "--compensation", "bias")
     assert main(bad) == 2
     err = capsys.readouterr().err

@@ -229,11 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--selection",
-        default=d.selection,
-        choices=SELECTIONS,
+        default="auto",
+        choices=("auto", *SELECTIONS),
         help="which units each layer loses (its counts come from the allocation): score = "
         "lowest importance score; repair = least error left after the lstsq refit "
-        "(greedy structured OBS on the compensation's Gram matrices; needs lstsq)",
+        "(greedy structured OBS on the compensation's Gram matrices; needs lstsq; no "
+        "backward pass); auto (default) = repair with --compensation lstsq, else score",
     )
     g.add_argument(
         "--compensation_target",

@@ -76,7 +76,7 @@ class RunConfig:
     channel_importance_samples: int = 32
     taylor_seq_len: int = 128
     taylor_batch_size: int = 4
-    layer_importance_method: str = "removal"
+    layer_importance_method: str = "block_influence"
     layer_importance_samples: int = 8
     skip_importance_analysis: bool = False
     layer_importance_config: str | None = None
@@ -84,7 +84,8 @@ class RunConfig:
     compensation: str = "lstsq"
     compensation_samples: int = 64
     compensation_damp: float = DEFAULT_DAMP
-    selection: str = "score"
+    # auto = repair with lstsq compensation (the measured winner), else score
+    selection: str = "auto"
     compensation_target: str = DEFAULT_TARGET
     calibration_dataset: str = "wikitext2"
     eval_dataset: str = "wikitext2"
@@ -141,6 +142,10 @@ class RunConfig:
     command: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.selection == "auto":  # frozen: resolved once, here
+            object.__setattr__(
+                self, "selection", "repair" if self.compensation == "lstsq" else "score"
+            )
         if not 0.0 < self.pruning_ratio < 1.0:
             raise GQAPruneError(
                 f"--pruning_ratio must be between 0 and 1 (exclusive), got {self.pruning_ratio}"

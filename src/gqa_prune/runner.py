@@ -39,7 +39,7 @@ from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.checkpoint import save_pruned
 from gqa_prune.models.geometry import GQAGeometry, heads_from_config
 from gqa_prune.models.loading import resolve_device
-from gqa_prune.pipeline import PruneOutcome, prune_model_
+from gqa_prune.pipeline import PruneOutcome, needs_unit_scores, prune_model_
 from gqa_prune.recovery.steps import finetune_step, prepare_finetune
 from gqa_prune.reporting.experiment import ExperimentDir, setup_logging
 from gqa_prune.reporting.plots import plot_pruning_strategy
@@ -199,6 +199,13 @@ def build_summary(
         "actual_ratio_attention_mlp": prunable_removed / before.prunable_params,
         "attention_ratio": 1 - sum(after.kv_heads) / sum(before.kv_heads),
         "mlp_ratio": 1 - sum(after.intermediate_sizes) / sum(before.intermediate_sizes),
+        "method": {  # how the units were chosen and repaired
+            "layer_importance": config.layer_importance_method,
+            "selection": config.selection,
+            "importance": config.importance if outcome_scored(config) else None,
+            "compensation": config.compensation,
+            "compensation_target": config.compensation_target,
+        },
         "gqa_ratio": before.queries_per_kv,
         "gqa_ratio_kept_in_every_layer": ratio_ok,
         "layers": layer_table(after),
@@ -210,6 +217,11 @@ def build_summary(
             "transformers": transformers.__version__,
         },
     }
+
+
+def outcome_scored(config: RunConfig) -> bool:
+    """Whether the run computed unit scores (``repair`` in ``layer`` mode does not)."""
+    return needs_unit_scores(config.pruning_mode, config.selection)
 
 
 def run_experiment(config: RunConfig) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def build_search_parser() -> argparse.ArgumentParser:
     g.add_argument("--compensation", default=d.compensation, choices=COMPENSATIONS)
     g.add_argument("--compensation_samples", type=int, default=d.compensation_samples)
     g.add_argument("--compensation_damp", type=float, default=d.compensation_damp)
-    g.add_argument("--selection", default=d.selection, choices=SELECTIONS)
+    g.add_argument("--selection", default="auto", choices=("auto", *SELECTIONS))
     g.add_argument("--compensation_target", default=d.compensation_target, choices=TARGETS)
     g = p.add_argument_group("validation perplexity")
     g.add_argument("--eval_seq_len", type=int, default=d.eval_seq_len)
