@@ -76,7 +76,7 @@ class RunConfig:
     channel_importance_samples: int = 32
     taylor_seq_len: int = 128
     taylor_batch_size: int = 4
-    layer_importance_method: str = "block_influence"
+    layer_importance_method: str = "removal"
     layer_importance_samples: int = 8
     skip_importance_analysis: bool = False
     layer_importance_config: str | None = None
