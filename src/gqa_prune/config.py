@@ -14,6 +14,7 @@ from gqa_prune.compensation import (
     DEFAULT_TARGET,
     SELECTIONS,
     TARGETS,
+    check_compensation,
     check_selection,
 )
 from gqa_prune.errors import GQAPruneError
@@ -178,16 +179,13 @@ class RunConfig:
                 "layer_importance_config.json from an earlier run)"
             )
         check_selection(self.selection, self.compensation)
-        if self.compensation_target == "dense" and self.compensation != "lstsq":
-            raise GQAPruneError(
-                "--compensation_target dense refits to the dense model's outputs; it needs "
-                f"--compensation lstsq (got '{self.compensation}')"
-            )
         if not self.compensation_damp > 0:
             raise GQAPruneError(
                 f"--compensation_damp must be > 0 (e.g. {DEFAULT_DAMP}), got "
                 f"{self.compensation_damp}"
             )
+        # the target's own checks (dense needs lstsq), in one place
+        check_compensation(self.compensation, self.compensation_damp, self.compensation_target)
         for name in (
             "channel_importance_samples",
             "compensation_samples",
