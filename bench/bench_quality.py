@@ -64,6 +64,8 @@ METHODS: dict[str, dict[str, Any]] = {
         layer_importance_method="removal", selection="score", compensation="none"
     ),
 }
+# measured sensitivity: the repair's error curves + a global solve (no layer importance)
+METHODS["sensitivity"] = dict(pruning_mode="sensitivity", pruning_distribution="auto")
 for _li, _tag in (("removal", "rm"), ("block_influence", "bi")):
     for _sel in ("score", "repair"):
         for _target in ("local", "dense"):
@@ -109,14 +111,16 @@ def prune_like_the_cli(
 ) -> None:
     """Layer importance + ``prune_model_`` with the run's windows and seeds (as the runner)."""
     seq = c.taylor_seq_len
-    li_ids = sample_calibration(tokens, c.layer_importance_samples, seq, c.seed + 1, bos)
-    importance = compute_layer_importance(
-        model,
-        li_ids,
-        c.layer_importance_method,  # type: ignore[arg-type]
-        batch_size=c.taylor_batch_size,
-        progress=False,
-    ).scores
+    importance = None
+    if c.pruning_mode != "sensitivity" or c.freeze_top_n_layers:
+        li_ids = sample_calibration(tokens, c.layer_importance_samples, seq, c.seed + 1, bos)
+        importance = compute_layer_importance(
+            model,
+            li_ids,
+            c.layer_importance_method,  # type: ignore[arg-type]
+            batch_size=c.taylor_batch_size,
+            progress=False,
+        ).scores
     ids = sample_calibration(tokens, c.channel_importance_samples, seq, c.seed, bos)
     comp_ids = None
     if c.compensation != "none":

@@ -57,7 +57,10 @@ def add_allocation_arguments(g: Any, d: RunConfig) -> None:
         default=d.pruning_mode,
         choices=PRUNING_MODES,
         help="layer: per-layer budgets from layer importance; global: cheapest "
-        "units across layers by score per parameter",
+        "units across layers by score per parameter; sensitivity: cheapest units across "
+        "layers by the error the lstsq refit leaves (measured error curves; no layer "
+        "importance or unit scores needed; with --pruning_distribution auto the curves also "
+        "split attention and MLP)",
     )
     g.add_argument("--pruning_strategy", default=d.pruning_strategy, choices=STRATEGIES)
     g.add_argument(

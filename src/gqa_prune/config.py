@@ -21,6 +21,7 @@ from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.zeroshot import parse_tasks  # does not import lm-eval
 from gqa_prune.importance import AGGREGATIONS
 from gqa_prune.importance import CRITERIA as IMPORTANCE_CRITERIA
+from gqa_prune.pipeline import PRUNING_MODES
 from gqa_prune.recovery.config import FINETUNE_DEFAULTS as _FT
 from gqa_prune.recovery.config import FinetuneConfig, finetune_config_from_run
 from gqa_prune.streaming.memory import parse_memory
@@ -29,7 +30,6 @@ from gqa_prune.streaming.run import check_streaming_options
 LAYER_IMPORTANCE_METHODS = layer_importance_methods()
 
 STRATEGIES = ("inverse", "proportional", "uniform")
-PRUNING_MODES = ("layer", "global")
 
 
 def parse_distribution(text: str | None) -> tuple[float, float] | None:

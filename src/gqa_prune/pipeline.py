@@ -15,11 +15,13 @@ from gqa_prune.compensation import (
     DEFAULT_DAMP,
     DEFAULT_TARGET,
     Compensation,
+    ResidentLayers,
     Selection,
     Target,
     check_compensation,
     check_selection,
     prune_sequential_,
+    repair_sensitivity,
 )
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.importance import UnitScores, compute_unit_scores
@@ -33,8 +35,8 @@ if TYPE_CHECKING:  # gqa_prune.streaming imports this module
 
 log = logging.getLogger(__name__)
 
-PruningMode = Literal["layer", "global"]
-PRUNING_MODES: tuple[str, ...] = ("layer", "global")
+PruningMode = Literal["layer", "global", "sensitivity"]
+PRUNING_MODES: tuple[str, ...] = ("layer", "global", "sensitivity")
 
 
 def select_gqa_groups_to_prune(
@@ -50,7 +52,7 @@ def select_gqa_groups_to_prune(
     n = group_importance.numel()
     if not 0 <= target_num_kv_heads <= n:
         raise GQAPruneError(f"cannot keep {target_num_kv_heads} of {n} KV groups")
-    order = torch.sort(group_importance.float(), descending=True, stable=True).indices.tolist()
+    order = torch.sort(group_importance.double(), descending=True, stable=True).indices.tolist()
     return sorted(order[:target_num_kv_heads]), sorted(order[target_num_kv_heads:])
 
 
@@ -111,7 +113,11 @@ def prune_model_(
         aggregation: how a unit's element scores combine (``sum``, ``mean``, ``max``).
         mode: ``layer`` = per-layer budgets from layer importance (``allocate``);
             ``global`` = cheapest units across all layers by score per parameter
-            (``allocate_global``), with the same floors, frozen layers and range.
+            (``allocate_global``), with the same floors, frozen layers and range;
+            ``sensitivity`` = the same global solve on the repair's measured error curves
+            (``gqa_prune.compensation.sensitivity``, on ``calibration_ids``; no unit
+            scores, no backward pass; ``criterion`` and ``layer_importance`` unused except
+            for ``freeze_top_n_layers``).
         batch_size: calibration samples per forward/backward.
         seed: seed of the ``random`` criterion.
         compensation: ``none`` (plain deletion), ``lstsq`` or ``bias``: how the weights
@@ -168,6 +174,9 @@ def prune_model_(
             model, calibration_ids, criterion, aggregation, batch_size, seed, progress
         ),
         needs_scores=needs_unit_scores(mode, selection),
+        sensitivity=lambda: repair_sensitivity(
+            ResidentLayers(model), calibration_ids, compensation_damp, batch_size, progress
+        ),
     )
     if compensation == "none":
         after = apply_plan_(model, plan)
@@ -195,6 +204,7 @@ def plan_pruning(
     mode: str,
     score_units: Callable[[], UnitScores],
     needs_scores: bool = True,
+    sensitivity: Callable[[], UnitScores] | None = None,
 ) -> tuple[Allocation, UnitScores, PruningPlan]:
     """Allocate per-layer budgets and pick the units to keep (no weight changes).
 
@@ -205,11 +215,13 @@ def plan_pruning(
         before: the model's current shapes.
         allocation_config: target, strategy and constraints.
         layer_importance: one score per layer; None = all equal.
-        mode: ``layer`` or ``global``.
+        mode: ``layer``, ``global`` or ``sensitivity``.
         score_units: computes the unit scores (in memory or streamed).
         needs_scores: False = skip ``score_units`` (``layer`` mode only): every unit scores
             0, so the plan keeps the first units of each layer and only its counts matter
             (``selection="repair"`` chooses the units).
+        sensitivity: computes the repair's unit costs (``sensitivity`` mode, which
+            allocates on them as ``global`` does on scores).
     """
     if mode not in PRUNING_MODES:
         raise GQAPruneError(
@@ -220,8 +232,13 @@ def plan_pruning(
     )
     if mode == "layer":
         allocation = allocate(importance, before, allocation_config)
-    scores = score_units() if needs_scores or mode == "global" else zero_scores(before)
-    if mode == "global":
+    if mode == "sensitivity":
+        if sensitivity is None:
+            raise GQAPruneError("pruning mode 'sensitivity' is not available here")
+        scores = sensitivity()
+    else:
+        scores = score_units() if needs_scores or mode == "global" else zero_scores(before)
+    if mode != "layer":
         allocation = allocate_global(
             scores.groups, scores.channels, before, allocation_config, importance=importance
         )
@@ -241,8 +258,9 @@ def plan_pruning(
 
 
 def needs_unit_scores(mode: str, selection: str) -> bool:
-    """Whether the plan needs unit scores: not for ``repair`` selection in ``layer`` mode."""
-    return not (mode == "layer" and selection == "repair")
+    """Whether the plan needs unit scores (of ``criterion``): not for ``repair`` selection in
+    ``layer`` mode, never in ``sensitivity`` mode (it measures its own costs)."""
+    return mode == "global" or (mode == "layer" and selection != "repair")
 
 
 def zero_scores(geometry: GQAGeometry) -> UnitScores:

@@ -200,7 +200,10 @@ def build_summary(
         "attention_ratio": 1 - sum(after.kv_heads) / sum(before.kv_heads),
         "mlp_ratio": 1 - sum(after.intermediate_sizes) / sum(before.intermediate_sizes),
         "method": {  # how the units were chosen and repaired
-            "layer_importance": config.layer_importance_method,
+            "allocation": config.pruning_mode,
+            "layer_importance": (
+                config.layer_importance_method if needs_layer_importance(config) else None
+            ),
             "selection": config.selection,
             "importance": config.importance if outcome_scored(config) else None,
             "compensation": config.compensation,
@@ -217,6 +220,12 @@ def build_summary(
             "transformers": transformers.__version__,
         },
     }
+
+
+def needs_layer_importance(config: RunConfig) -> bool:
+    """Whether the run measures layer importance: not in ``sensitivity`` mode unless layers
+    are frozen by importance (``--freeze_top_n_layers``)."""
+    return config.pruning_mode != "sensitivity" or config.freeze_top_n_layers > 0
 
 
 def outcome_scored(config: RunConfig) -> bool:
@@ -263,6 +272,7 @@ class ExperimentRun:
         self.finetune_record: dict[str, Any] | None = None
         self.eval_tokens: torch.Tensor | None = None
         self.bos: int | None = None  # BOS put in front of every window (Gemma), or None
+        self.importance: LayerImportance | None = None  # None: not needed (sensitivity)
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -333,6 +343,9 @@ class ExperimentRun:
     # ------------------------------------------------------------------- steps
     def measure_layer_importance(self) -> None:
         config = self.config
+        if not needs_layer_importance(config) and self.given_importance is None:
+            log.info("layer importance: not needed by --pruning_mode sensitivity")
+            return
         with self.step("layer_importance"):
             if self.given_importance is not None:
                 self.importance = self.given_importance
@@ -419,7 +432,7 @@ class ExperimentRun:
                 self.model,
                 self.calibration,
                 allocation_config(config),
-                layer_importance=self.importance.scores,
+                layer_importance=None if self.importance is None else self.importance.scores,
                 criterion=config.importance,
                 aggregation=config.aggregation,
                 mode=config.pruning_mode,  # type: ignore[arg-type]
@@ -437,9 +450,13 @@ class ExperimentRun:
         plot_pruning_strategy(
             self.exp.path("pruning_strategy.png"),
             self.outcome.allocation,
-            self.importance.scores,
-            title=f"{config.base_model}: {config.pruning_strategy}, "
-            f"{self.importance.method} importance",
+            None if self.importance is None else self.importance.scores,
+            title=f"{config.base_model}: "
+            + (
+                "measured sensitivity (repair error curves)"
+                if self.importance is None
+                else f"{config.pruning_strategy}, {self.importance.method} importance"
+            ),
         )
 
     def evaluate_pruned(self) -> None:
@@ -483,8 +500,8 @@ class ExperimentRun:
         if self.streamer is not None:
             summary["streaming"] = self.streamer.describe()
         summary["layer_importance"] = {
-            "method": self.importance.method,
-            "scores": list(self.importance.scores),
+            "method": None if self.importance is None else self.importance.method,
+            "scores": [] if self.importance is None else list(self.importance.scores),
         }
         summary["allocation"] = self.outcome.allocation.to_dict()
         if self.finetune_record is not None:

@@ -15,7 +15,8 @@ With the boundary states stored, "the network without layer l" is the *suffix*
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,82 @@ def hidden_of(output: Any) -> torch.Tensor:
         f"a decoder layer returned {type(output).__name__}; expected a tensor or a tuple "
         "whose first item is the hidden states"
     )
+
+
+class _CallRecorder(nn.Module):
+    """Stands in for one decoder layer while calls are recorded: records, passes through."""
+
+    def __init__(
+        self,
+        sink: list[LayerCall],
+        states: list[torch.Tensor] | None,
+        last: bool,
+        host: torch.device | str,
+    ) -> None:
+        super().__init__()
+        self.sink, self.states, self.last, self.host = sink, states, last, host
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden, call = split_layer_args(args, kwargs)
+        self.sink.append(call)
+        if self.states is not None:
+            self.states.append(hidden.detach().to(self.host))
+        if self.last:
+            raise StopForward
+        return hidden
+
+
+@contextmanager
+def layers_replaced(model: nn.Module, modules: nn.ModuleList) -> Iterator[nn.ModuleList]:
+    """The model's decoder layer list is ``modules`` inside the block; yields the real one."""
+    path = get_adapter(model).layers_attr
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    layers = getattr(parent, attr)
+    setattr(parent, attr, modules)
+    try:
+        yield layers
+    finally:
+        setattr(parent, attr, layers)
+
+
+@torch.no_grad()
+def record_layer_calls(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    device: torch.device | str,
+    host: torch.device | str,
+) -> tuple[list[torch.Tensor], list[LayerCalls]]:
+    """Hidden states entering layer 0 (on ``host``) and every layer's call, per batch.
+
+    Runs the model's own forward with pass-through stand-ins for the decoder layers, so
+    embeddings, masks and rotary tables are built by the model itself at the cost of the
+    embedding lookup alone: no layer computes. Every layer's call is recorded (not only
+    layer 0's), since a family may pass layers different masks (sliding-window layers); they
+    are mostly shared tensors (one mask per layer type, one rotary table). The last stand-in
+    stops the forward before the final norm and ``lm_head``.
+
+    Raises:
+        GQAPruneError: the forward did not call every decoder layer once per batch.
+    """
+    n = len(get_adapter(model).decoder_layers(model))
+    states: list[torch.Tensor] = []
+    sinks: list[list[LayerCall]] = [[] for _ in range(n)]
+    stand_ins = nn.ModuleList(
+        _CallRecorder(sinks[i], states if i == 0 else None, i == n - 1, host) for i in range(n)
+    )
+    with layers_replaced(model, stand_ins):
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except StopForward:
+                pass
+    if any(len(sink) != len(batches) for sink in sinks):
+        raise GQAPruneError(
+            "the model's forward did not call each decoder layer once per batch; layer-wise "
+            "pruning needs a Llama-style decoder"
+        )
+    return states, [LayerCalls(tuple(sink[b] for sink in sinks)) for b in range(len(batches))]
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -31,6 +31,7 @@ from gqa_prune.compensation.selection import (
     removal_error,
     select_kept_units,
 )
+from gqa_prune.compensation.sensitivity import repair_sensitivity
 from gqa_prune.compensation.sequential import (
     COMPENSATIONS,
     DEFAULT_DAMP,
@@ -46,7 +47,6 @@ from gqa_prune.compensation.sequential import (
     check_compensation,
     prune_layerwise_,
     prune_sequential_,
-    record_layer_inputs,
 )
 from gqa_prune.compensation.solve import removed_mean_contribution, ridge_refit
 
@@ -69,8 +69,8 @@ __all__ = [
     "check_selection",
     "greedy_removal",
     "prune_sequential_",
-    "record_layer_inputs",
     "removal_error",
+    "repair_sensitivity",
     "select_kept_units",
     "removed_mean_contribution",
     "ridge_refit",

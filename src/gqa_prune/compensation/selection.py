@@ -200,11 +200,15 @@ class GreedyRemoval:
         error: ``E(removed)`` of (1), accumulated from (2) (exact for any chunking).
         refit: ``(out, in)`` float64 ``W'``: the ridge refit of the kept columns (the
             argmin of (1)), zero on removed columns.
+        increments: per removed unit (same order), the rise of (1) it caused: (2) for a
+            single unit, a chunk's rise shared equally by its units. Their running sum is
+            the error curve ``E(k)``; ``sum(increments) == error``.
     """
 
     removed: tuple[int, ...]
     error: float
     refit: torch.Tensor
+    increments: tuple[float, ...] = ()
 
 
 def greedy_removal(
@@ -249,7 +253,7 @@ def greedy_removal(
         refit = weight.double().clone()
         gone = tuple(range(n_units - n_remove, n_units))
         refit[:, unit_columns(gone, width).to(refit.device)] = 0
-        return GreedyRemoval(gone, 0.0, refit)
+        return GreedyRemoval(gone, 0.0, refit, (0.0,) * len(gone))
     chunk = chunk or math.ceil(n_units / CHUNKS)
     device = weight.device
     hinv = damped_inverse(gram.to(device), lam)
@@ -260,6 +264,7 @@ def greedy_removal(
     norms = col_norms.view(n_units, width).sum(1)  # ||W_u||^2 of the original columns
     alive = torch.ones(n_units, dtype=torch.bool, device=device)
     removed: list[int] = []
+    increments: list[float] = []
     error = 0.0
     while len(removed) < n_remove:
         costs = _unit_costs(refit, hinv, norms, width, lam).masked_fill(~alive, math.inf)
@@ -267,16 +272,18 @@ def greedy_removal(
         pick = torch.sort(costs, stable=True).indices[:take]
         cols = unit_columns(pick, width)
         if take == 1:
-            error += float(costs[pick[0]])
+            rise = float(costs[pick[0]])
         else:  # (2) for the whole chunk
             w_c = refit[:, cols]
             quad = (w_c * torch.linalg.solve(hinv[cols[:, None], cols], w_c.T).T).sum()
-            error += float(quad - lam * norms[pick].sum())
+            rise = float(quad - lam * norms[pick].sum())
+        error += rise
+        increments.extend([rise / take] * take)
         downdate_inverse_(hinv, cols, refit)
         alive[pick] = False
         removed.extend(int(i) for i in pick.tolist())
     del hinv
-    return GreedyRemoval(tuple(removed), error, refit)
+    return GreedyRemoval(tuple(removed), error, refit, tuple(increments))
 
 
 def select_kept_units(

@@ -15,11 +15,12 @@ four passes of that one layer over the calibration set:
 0. (``target="dense"`` only) the dense layer on the *dense* model's hidden states, carried
    beside the pruned ones: records the dense outputs ``Y`` of ``o_proj`` and ``down_proj``
    (the refit targets, :mod:`.solve`) and advances the dense stream;
-1. the dense layer on the pruned stream, with a pre-hook on ``o_proj`` (attention
-   statistics); select and slice the GQA groups, refit ``o_proj``'s kept columns (or add
+1. (when the layer loses GQA groups) the dense layer on the pruned stream up to
+   ``o_proj``'s input (attention statistics; the forward stops there, so the MLP is not
+   computed); select and slice the GQA groups, refit ``o_proj``'s kept columns (or add
    FLAP's bias);
-2. the layer with pruned attention, with a pre-hook on ``down_proj`` (skipped when the
-   attention was not cut: pass 1 already saw the right MLP inputs);
+2. (when it loses MLP channels) the layer with pruned attention up to ``down_proj``'s input
+   (MLP statistics);
    slice the MLP channels, refit ``down_proj``'s kept columns (or add the bias);
 3. the pruned layer, whose outputs become the next layer's calibration inputs.
 
@@ -44,7 +45,9 @@ Cost per layer for Llama-3-8B (hidden 4096, 32 Q heads x 128, MLP 14336),
                                            measured peak 2.6 GiB above the Gram matrix
     Gram products (fp32)                   2 N I^2 = 3.4 TFLOP per layer (N = 8192 tokens)
     Cholesky + solve (fp64)                |S|^3/3 + 2 |S|^2 x 4096 = 1.4 TFLOP per layer
-    layer forwards                         3 passes of the layer over the calibration set
+    layer forwards                         ~2.2 passes of the layer over the calibration set
+                                           (pass 1 stops before the MLP, pass 2 before
+                                           down_proj)
     --selection repair (instead of the     H^-1 (fp64) 14336^2 x 8 B = 1.6 GiB + W' (fp64)
       down_proj solve; .selection)         0.47 GiB (+ 1.6 GiB transient); ~2 n^3 = 5.8 TFLOP
 
@@ -72,7 +75,7 @@ from gqa_prune.analysis.decoder_stack import (
     StopForward,
     hidden_of,
     input_device,
-    split_layer_args,
+    record_layer_calls,
 )
 from gqa_prune.compensation.selection import Selection, check_selection, select_kept_units
 from gqa_prune.compensation.solve import removed_mean_contribution, ridge_refit
@@ -173,9 +176,7 @@ class ResidentLayers:
     def capture(
         self, batches: Sequence[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[LayerCalls]]:
-        states, calls = record_layer_inputs(self.model, torch.cat(list(batches)), len(batches[0]))
-        per_batch = [LayerCalls(tuple(c[b] for c in calls)) for b in range(len(states))]
-        return states, per_batch
+        return record_layer_calls(self.model, batches, self.device, self.host)
 
     def run(
         self, layer: nn.Module, hidden: torch.Tensor, call: LayerCall | LayerCalls
@@ -416,57 +417,6 @@ def check_calibration_ids(
     return calibration_ids
 
 
-def record_layer_inputs(
-    model: nn.Module, input_ids: torch.Tensor, batch_size: int
-) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
-    """Hidden states entering layer 0, and every layer's call arguments, per batch.
-
-    Every layer's arguments are recorded (not only layer 0's), since a family may pass
-    layers different masks (sliding-window layers). They are mostly shared tensors (one
-    mask per layer type, one rotary table), so this holds little. Each forward stops at
-    the last layer's pre-hook.
-
-    Returns:
-        ``(states, calls)``: ``states[b]`` of shape (B, L, hidden) on the model's device;
-        ``calls[layer][b]`` the arguments of ``layer`` for batch ``b``.
-    """
-    layers = get_adapter(model).decoder_layers(model)
-    device = input_device(model)
-    states: list[torch.Tensor] = []
-    calls: list[list[LayerCall]] = [[] for _ in layers]
-
-    def recorder(index: int) -> Callable[[nn.Module, tuple, dict], None]:
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden, call = split_layer_args(args, kwargs)
-            calls[index].append(call)
-            if index == 0:
-                states.append(hidden)
-            if index == len(layers) - 1:
-                raise StopForward
-
-        return record
-
-    handles = [
-        layer.register_forward_pre_hook(recorder(i), with_kwargs=True)
-        for i, layer in enumerate(layers)
-    ]
-    try:
-        for batch in input_ids.split(batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except StopForward:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    if any(len(c) != len(states) for c in calls):
-        raise GQAPruneError(
-            "the model's forward did not call every decoder layer once per batch; "
-            "sequential compensation needs every layer to run"
-        )
-    return states, calls
-
-
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
     return hidden_of(layer(hidden, *call.args, **call.kwargs))
 
@@ -479,16 +429,28 @@ def _collect(
     gram: bool,
     targets: Sequence[torch.Tensor] | None = None,
 ) -> InputStats:
-    """Run ``layer`` over the calibration batches, recording the inputs of ``linear``
-    (and ``X^T Y`` against the per-batch dense ``targets``, when given)."""
-    stats = [InputStats(linear, gram, targets)]
+    """Run ``layer`` over the calibration batches up to ``linear``, recording its inputs
+    (and ``X^T Y`` against the per-batch dense ``targets``, when given).
+
+    Each forward stops at ``linear``'s input: nothing after it is computed (for ``o_proj``
+    the whole MLP, for ``down_proj`` the projection itself).
+    """
+    stats = InputStats(linear, gram, targets)
+    stop = linear.register_forward_pre_hook(_stop_forward)  # runs after the statistics
     try:
         for hidden, call in zip(states, calls, strict=True):
-            _run_layer(layer, hidden, call)
+            try:
+                _run_layer(layer, hidden, call)
+            except StopForward:
+                pass
     finally:
-        for s in stats:
-            s.remove()
-    return stats[0]
+        stop.remove()
+        stats.remove()
+    return stats
+
+
+def _stop_forward(module: nn.Module, args: tuple[Any, ...]) -> None:
+    raise StopForward
 
 
 def _correction(

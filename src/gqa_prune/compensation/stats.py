@@ -21,10 +21,16 @@ class InputStats:
         gram: also accumulate the Gram matrix (needed by ``lstsq``; ``bias`` needs the mean).
         targets: per-call dense outputs ``Y`` of this projection (call ``i`` of the hook pairs
             with ``targets[i]``, same tokens); accumulates ``cross = X^T Y`` (in x out, fp32).
+        weights: per-call token weights ``w`` (``(B, L)``, same tokens as the inputs): the
+            Gram matrix becomes ``X^T diag(w) X`` (the sum and the cross product stay plain).
     """
 
     def __init__(
-        self, linear: nn.Linear, gram: bool, targets: Sequence[torch.Tensor] | None = None
+        self,
+        linear: nn.Linear,
+        gram: bool,
+        targets: Sequence[torch.Tensor] | None = None,
+        weights: Sequence[torch.Tensor] | None = None,
     ) -> None:
         n_in, device = linear.in_features, linear.weight.device
         self.count = 0
@@ -32,6 +38,7 @@ class InputStats:
         self.sum = torch.zeros(n_in, dtype=torch.float64, device=device)
         self.gram = torch.zeros(n_in, n_in, dtype=torch.float32, device=device) if gram else None
         self.targets = targets
+        self.weights = weights
         self.cross = (
             None
             if targets is None
@@ -44,7 +51,11 @@ class InputStats:
         self.count += x.shape[0]
         self.sum += x.sum(0, dtype=torch.float64)
         if self.gram is not None:
-            self.gram.addmm_(x.T, x)
+            if self.weights is None:
+                self.gram.addmm_(x.T, x)
+            else:
+                w = self.weights[self.calls].reshape(-1, 1).to(x.device, torch.float32)
+                self.gram.addmm_(x.T, x * w)
         if self.cross is not None and self.targets is not None:
             y = self.targets[self.calls]
             self.cross.addmm_(x.T, y.reshape(-1, y.shape[-1]).to(x.device, torch.float32))

@@ -41,9 +41,9 @@ from gqa_prune.analysis.decoder_stack import (
     LayerCall,
     LayerCalls,
     OutputHead,
-    StopForward,
     hidden_of,
-    split_layer_args,
+    layers_replaced,
+    record_layer_calls,
 )
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.models.adapters import ArchitectureAdapter, get_adapter
@@ -76,23 +76,6 @@ class StreamingConfig:
     @property
     def max_memory_bytes(self) -> int | None:
         return None if self.max_memory is None else parse_memory(self.max_memory)
-
-
-class _CallRecorder(nn.Module):
-    """Stands in for one decoder layer while calls are recorded: records, passes through."""
-
-    def __init__(self, sink: list[LayerCall], states: list[torch.Tensor] | None, last: bool):
-        super().__init__()
-        self.sink, self.states, self.last = sink, states, last
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        hidden, call = split_layer_args(args, kwargs)
-        self.sink.append(call)
-        if self.states is not None:
-            self.states.append(hidden.detach().to("cpu"))
-        if self.last:
-            raise StopForward
-        return hidden
 
 
 class _RamStore:
@@ -214,20 +197,9 @@ class LayerStreamer:
         """The parked layers share the compute device's memory (CPU device, RAM store)."""
         return isinstance(self.store, _RamStore) and self.device.type == "cpu"
 
-    @contextmanager
-    def _layers_replaced(self, stand_ins: nn.ModuleList) -> Iterator[None]:
-        """The model's decoder layer list is ``stand_ins`` inside the block."""
-        parent_path, _, attr = self.adapter.layers_attr.rpartition(".")
-        parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        setattr(parent, attr, stand_ins)
-        try:
-            yield
-        finally:
-            setattr(parent, attr, self.layers)
-
     def _move_resident(self, device: torch.device) -> None:
         """Move everything except the decoder layers (which are detached meanwhile)."""
-        with self._layers_replaced(nn.ModuleList()):
+        with layers_replaced(self.model, nn.ModuleList()):
             self.model.to(device)
 
     def resident_bytes(self) -> int:
@@ -284,30 +256,9 @@ class LayerStreamer:
     def capture(
         self, batches: Sequence[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[LayerCalls]]:
-        """Hidden states entering layer 0 (on the host) and every layer's call, per batch.
-
-        Runs the model's own forward with stand-ins for the decoder layers: embeddings,
-        masks and rotary tables are built by the model itself; the last stand-in stops it.
-        """
-        n = self.num_layers
-        states: list[torch.Tensor] = []
-        sinks: list[list[LayerCall]] = [[] for _ in range(n)]
-        stand_ins = nn.ModuleList(
-            _CallRecorder(sinks[i], states if i == 0 else None, i == n - 1) for i in range(n)
-        )
-        with self._layers_replaced(stand_ins), torch.no_grad():
-            for batch in batches:
-                try:
-                    self.model(input_ids=batch.to(self.device), use_cache=False)
-                except StopForward:
-                    pass
-        if any(len(sink) != len(batches) for sink in sinks):
-            raise GQAPruneError(
-                "the model's forward did not call each decoder layer once per batch; streaming "
-                "needs a Llama-style decoder"
-            )
-        calls = [LayerCalls(tuple(sink[b] for sink in sinks)) for b in range(len(batches))]
-        return states, calls
+        """Hidden states entering layer 0 (on the host) and every layer's call, per batch
+        (:func:`~gqa_prune.analysis.decoder_stack.record_layer_calls`)."""
+        return record_layer_calls(self.model, batches, self.device, self.host)
 
     def run(
         self, layer: nn.Module, hidden: torch.Tensor, call: LayerCall | LayerCalls

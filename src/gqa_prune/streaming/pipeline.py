@@ -15,6 +15,7 @@ from gqa_prune.compensation import (
     DEFAULT_TARGET,
     check_compensation,
     check_selection,
+    repair_sensitivity,
 )
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.perplexity import (
@@ -72,7 +73,8 @@ def plan_memory(
         criterion=criterion,
         compensation=compensation,
         needs_grad=criterion in _GRAD_CRITERIA and needs_unit_scores(mode, selection),
-        selection=selection,
+        # sensitivity runs the repair's greedy (to the end) on every projection
+        selection="repair" if mode == "sensitivity" else selection,
         target=target,
     )
 
@@ -161,6 +163,9 @@ def prune_model_streaming_(
             streamer, calibration_ids, criterion, aggregation, batch_size, seed, progress
         ),
         needs_scores=needs_unit_scores(mode, selection),
+        sensitivity=lambda: repair_sensitivity(
+            streamer, calibration_ids, compensation_damp, batch_size, progress
+        ),
     )
     ids = calibration_ids if compensation_ids is None else compensation_ids
     plan, after = streaming_prune_sequential_(
