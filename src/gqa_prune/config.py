@@ -78,7 +78,9 @@ class RunConfig:
     taylor_seq_len: int = 128
     taylor_batch_size: int = 4
     layer_importance_method: str = "removal"
-    layer_importance_samples: int = 8
+    # 4 x 128 tokens: 8 or 2 gave the same validation perplexity on SmolLM2 and Gemma
+    # (bench/bench_quality.py, docs/benchmarks.md); the removal analysis costs ~N x 15 layers
+    layer_importance_samples: int = 4
     skip_importance_analysis: bool = False
     layer_importance_config: str | None = None
     pruning_mode: str = "layer"
