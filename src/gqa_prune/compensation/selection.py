@@ -234,6 +234,7 @@ def greedy_removal(
 
     Ties break towards the lower unit index, so the result is deterministic.
     """
+    weight = weight.detach()
     n_in = weight.shape[1]
     if width < 1 or n_in % width or gram.shape != (n_in, n_in):
         raise GQAPruneError(
