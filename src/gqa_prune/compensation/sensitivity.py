@@ -157,14 +157,14 @@ def repair_sensitivity(
             # per-token weights 1 / mean(h_t^2): each token's error relative to its stream
             weights = [_token_weights(h) for h in states]
             stats = [InputStats(lin, True, weights=weights) for lin in linears]
-            first_in = states[0]  # batch 0's input, kept for the gains
+            first_in = states[0]  # batch 0's input and dense output, for the gains
             tokens = sum(w.numel() for w in weights)
-            outputs: list[torch.Tensor] = []
+            reference = torch.empty(0)
             try:
                 for b, call in enumerate(layer_calls):
                     out = walk.run(layer, states[b], call)
                     if b == 0:
-                        outputs.append(out.float())
+                        reference = out.float()
                     states[b] = out.to(walk.host)
             finally:
                 for s in stats:
@@ -173,23 +173,15 @@ def repair_sensitivity(
             costs = []
             for j, (lin, st) in enumerate(zip(linears, stats, strict=True)):
                 width_p = 1 if lin is down else width
-                gain = _gain(walk, layer, lin, first_in, layer_calls[0], outputs[0], 2 * i + j)
-                gram = st.gram
-                st.gram = None
-                if gram is None:  # pragma: no cover - InputStats(gram=True) always has one
-                    raise RuntimeError("sensitivity needs the Gram matrix of the inputs")
+                gain = _gain(walk, layer, lin, first_in, layer_calls[0], reference, 2 * i + j)
+                gram, st.gram = st.gram, None  # freed after the greedy
+                assert gram is not None  # InputStats(gram=True)
                 trace = greedy_removal(lin.weight, gram, lin.in_features // width_p, damp, width_p)
                 del gram
                 scale = gain / tokens
                 costs.append(curve_costs(trace.increments, trace.removed, scale))
-                log.debug(
-                    "layer %d %s: gain %.3g, E(all) %.3g",
-                    i,
-                    type(lin).__name__,
-                    gain,
-                    trace.error * scale,
-                )
-            del first_in, outputs
+                log.debug("layer %d: gain %.3g, E(all) %.3g", i, gain, trace.error * scale)
+            del first_in, reference
             if len(costs) == 1:
                 costs.insert(0, torch.zeros(0, dtype=torch.float64))
             groups.append(costs[0])
