@@ -201,7 +201,7 @@ def test_engine_passes_stop_at_the_hooked_projection():
         geometry.queries_per_kv,
         geometry.head_dim,
     )
-    calls = {"layer": 0, "mlp": 0, "down": 0}
+    calls = {"layer": 0, "q": 0, "mlp": 0, "down": 0}
 
     def count(name):
         def hook(*_):
@@ -211,16 +211,19 @@ def test_engine_passes_stop_at_the_hooked_projection():
 
     for layer in layers:
         layer.register_forward_pre_hook(count("layer"))
+        adapter.attention_projections(layer)[0].register_forward_pre_hook(count("q"))
         adapter.mlp(layer).register_forward_pre_hook(count("mlp"))
         adapter.mlp_projections(layer)[2].register_forward_pre_hook(count("down"))
     batches = 2
     prune_sequential_(model, plan, IDS, "lstsq", DAMP, batch_size=4)
     n = len(layers)
-    # capture runs no layer; per layer pass 1 (stops at o_proj), pass 2 (stops at down_proj),
-    # pass 3 (the pruned layer) except after the last layer
+    # capture runs no layer; per layer pass 1 (stops at o_proj), pass 2 (replays the pruned
+    # attention, stops at down_proj), pass 3 (replays both blocks) except after the last
     assert calls["layer"] == batches * (3 * n - 1)
-    assert calls["mlp"] == batches * (2 * n - 1)
-    assert calls["down"] == batches * (2 * n - 1)
+    assert calls["q"] == batches * n  # attention computes in pass 1 only
+    assert calls["mlp"] == batches * n  # the MLP in pass 2 only
+    # down_proj: reached (and stopped) in pass 2, then run once on the recorded inputs
+    assert calls["down"] == batches * 2 * n
 
 
 def test_sensitivity_mode_needs_calibration_ids():

@@ -126,6 +126,37 @@ class _CallRecorder(nn.Module):
         return hidden
 
 
+class Replay(nn.Module):
+    """Stands in for an attention or MLP block whose outputs are already known.
+
+    Call ``i`` returns ``outputs[i]`` (moved to the input's device) without computing
+    anything: as ``(output, None)`` when ``pair`` (what attention blocks return), else the
+    tensor (an MLP block). The engine uses it to run the rest of a layer (norms, residual
+    adds) after it has computed a block's pruned outputs from recorded projection inputs.
+
+    Raises:
+        GQAPruneError: more calls than outputs, or an output of another shape than the
+            hidden states it stands in for.
+    """
+
+    def __init__(self, outputs: Sequence[torch.Tensor], pair: bool) -> None:
+        super().__init__()
+        self.outputs, self.pair, self.calls = outputs, pair, 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.calls >= len(self.outputs):
+            raise GQAPruneError(f"a replayed block was called more than {len(self.outputs)} times")
+        out = self.outputs[self.calls].to(hidden.device)
+        self.calls += 1
+        if out.shape != hidden.shape:
+            raise GQAPruneError(
+                f"replayed block output has shape {tuple(out.shape)}, its input "
+                f"{tuple(hidden.shape)}; the layer was not called in the recorded order"
+            )
+        return (out, None) if self.pair else out
+
+
 @contextmanager
 def layers_replaced(model: nn.Module, modules: nn.ModuleList) -> Iterator[nn.ModuleList]:
     """The model's decoder layer list is ``modules`` inside the block; yields the real one."""

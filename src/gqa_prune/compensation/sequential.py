@@ -15,23 +15,30 @@ four passes of that one layer over the calibration set:
 0. (``target="dense"`` only) the dense layer on the *dense* model's hidden states, carried
    beside the pruned ones: records the dense outputs ``Y`` of ``o_proj`` and ``down_proj``
    (the refit targets, :mod:`.solve`) and advances the dense stream;
-1. (when the layer loses GQA groups) the dense layer on the pruned stream up to
-   ``o_proj``'s input (attention statistics; the forward stops there, so the MLP is not
-   computed); select and slice the GQA groups, refit ``o_proj``'s kept columns (or add
-   FLAP's bias);
-2. (when it loses MLP channels) the layer with pruned attention up to ``down_proj``'s input
-   (MLP statistics);
-   slice the MLP channels, refit ``down_proj``'s kept columns (or add the bias);
-3. the pruned layer, whose outputs become the next layer's calibration inputs.
+1. (when the layer loses GQA groups, unless all go and ``lstsq`` has nothing to refit) the
+   dense layer on the pruned stream up to ``o_proj``'s input (attention statistics; the
+   forward stops there, so the MLP is not computed; the inputs are kept); select and slice
+   the GQA groups, refit ``o_proj``'s kept columns (or add FLAP's bias); the pruned block's
+   outputs are then the refitted ``o_proj`` on the kept columns of those inputs;
+2. (when it loses MLP channels) the layer up to ``down_proj``'s input, its attention block
+   replaced by those outputs (:class:`~gqa_prune.analysis.decoder_stack.Replay`; computed
+   and recorded here when attention was not cut): MLP statistics, inputs kept; slice the MLP
+   channels, refit ``down_proj``'s kept columns (or add the bias), and its outputs likewise;
+3. the layer with both blocks replayed (norms and residual adds only), whose outputs become
+   the next layer's calibration inputs.
+
+So every block computes once per batch (q/k/v and the attention scores in pass 1, gate/up
+in pass 2), and the refitted projections once more on their recorded inputs.
 
 Targets: ``local`` refits each projection to its own dense weights on the pruned inputs
 (``X W^T``), so the error arriving from below is left as it is; ``dense`` refits to the
 dense model's outputs (``Y = X_d W^T``), so every cut layer also corrects that drift.
 
 Memory: only the current boundary hidden states (``N x L x hidden``, model dtype; twice with
-``dense``, plus the two recorded targets of the current layer, ``2 x N x L x hidden``) and one
-Gram matrix are held, plus the recorded layer arguments (masks, rotary tables) per batch
-(streamed: the states rest on the host, one batch at a time on the device).
+``dense``, plus the two recorded targets of the current layer, ``2 x N x L x hidden``), the
+current layer's recorded projection inputs and block outputs, and one Gram matrix are held,
+plus the recorded layer arguments (masks, rotary tables) per batch (streamed: the states and
+recordings rest on the host, one batch at a time on the device).
 Cost per layer for Llama-3-8B (hidden 4096, 32 Q heads x 128, MLP 14336),
 64 x 128 calibration tokens, bf16, 25% of the MLP channels removed (|S| = 10752 kept):
 
@@ -40,14 +47,17 @@ Cost per layer for Llama-3-8B (hidden 4096, 32 Q heads x 128, MLP 14336),
     o_proj Gram (fp32)                     4096^2 x 4 B                  =  64 MiB
     down_proj Gram (fp32)                  14336^2 x 4 B                 = 784 MiB (822 MB)
     dense targets (bf16): dense stream, Y_o, Y_down       3 x 64 MiB
+    recorded o_proj inputs (bf16)          64 x 128 x 4096 x 2 B         =  64 MiB
+    recorded down_proj inputs (bf16)       64 x 128 x 14336 x 2 B        = 224 MiB
+    replayed block outputs (bf16)          2 x 64 x 128 x 4096 x 2 B     = 128 MiB
     cross product C (fp32)                 14336 x 4096 x 4 B            = 224 MiB
     ridge solve (fp64, in-place Cholesky)  |S|^2 x 8 B + |S| x 4096 x 8 B x 2
                                            measured peak 2.6 GiB above the Gram matrix
-    Gram products (fp32)                   2 N I^2 = 3.4 TFLOP per layer (N = 8192 tokens)
+    Gram products (fp32, lower blocks)     ~N I^2 = 1.7 TFLOP per layer (N = 8192 tokens)
     Cholesky + solve (fp64)                |S|^3/3 + 2 |S|^2 x 4096 = 1.4 TFLOP per layer
-    layer forwards                         ~2.2 passes of the layer over the calibration set
-                                           (pass 1 stops before the MLP, pass 2 before
-                                           down_proj)
+    layer forwards                         ~1 pass of the layer over the calibration set
+                                           (each block once, plus o_proj and down_proj
+                                           again on their kept inputs)
     --selection repair (instead of the     H^-1 (fp64) 14336^2 x 8 B = 1.6 GiB + W' (fp64)
       down_proj solve; .selection)         0.47 GiB (+ 1.6 GiB transient); ~2 n^3 = 5.8 TFLOP
 
@@ -62,7 +72,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import torch
@@ -72,6 +82,7 @@ from tqdm.auto import tqdm
 from gqa_prune.analysis.decoder_stack import (
     LayerCall,
     LayerCalls,
+    Replay,
     StopForward,
     hidden_of,
     input_device,
@@ -336,24 +347,26 @@ def prune_layerwise_(
                     dense_states = list(states)
                 targets = _dense_pass(walk, layer, dense_states, layer_calls)
             view = _OnDevice(states, walk.device)
-            applied.append(
-                prune_layer_(
-                    layer,
-                    lp,
-                    plan,
-                    view,
-                    layer_calls,
-                    adapter,
-                    compensation,
-                    damp,
-                    selection,
-                    targets,
-                )
+            lp, known = prune_layer_(
+                layer,
+                lp,
+                plan,
+                view,
+                layer_calls,
+                adapter,
+                compensation,
+                damp,
+                selection,
+                targets,
+                walk.host,
             )
+            applied.append(lp)
             del targets
-            if i + 1 < n:
-                for b, call in enumerate(layer_calls):
-                    states[b] = walk.run(layer, states[b], call).to(walk.host)
+            if i + 1 < n:  # pass 3: norms and residual adds around the known block outputs
+                with replaying(layer, adapter, known):
+                    for b, call in enumerate(layer_calls):
+                        states[b] = walk.run(layer, states[b], call).to(walk.host)
+            del known
     del states, calls, dense_states
     plan = replace(plan, layers=tuple(applied))
     geometry = adapter.geometry(model)
@@ -428,14 +441,16 @@ def _collect(
     calls: Sequence[LayerCall],
     gram: bool,
     targets: Sequence[torch.Tensor] | None = None,
+    keep_on: torch.device | str | None = None,
 ) -> InputStats:
     """Run ``layer`` over the calibration batches up to ``linear``, recording its inputs
-    (and ``X^T Y`` against the per-batch dense ``targets``, when given).
+    (and ``X^T Y`` against the per-batch dense ``targets``, when given; the inputs
+    themselves when ``keep_on`` names a device).
 
     Each forward stops at ``linear``'s input: nothing after it is computed (for ``o_proj``
     the whole MLP, for ``down_proj`` the projection itself).
     """
-    stats = InputStats(linear, gram, targets)
+    stats = InputStats(linear, gram, targets, keep_on=keep_on)
     stop = linear.register_forward_pre_hook(_stop_forward)  # runs after the statistics
     try:
         for hidden, call in zip(states, calls, strict=True):
@@ -474,6 +489,37 @@ def _apply_correction_(linear: nn.Linear, fix: torch.Tensor, compensation: str) 
         raise RuntimeError("bias compensation needs an output bias (add_output_biases_)")
 
 
+@dataclass
+class BlockOutputs:
+    """Per-batch outputs of a layer's final (pruned, refitted) attention and MLP blocks,
+    computed from recorded projection inputs; None = not known, the block computes."""
+
+    attention: list[torch.Tensor] | None = None
+    mlp: list[torch.Tensor] | None = None
+
+
+@contextmanager
+def replaying(
+    layer: nn.Module, adapter: ArchitectureAdapter, known: BlockOutputs
+) -> Iterator[None]:
+    """Inside the block, the layer's blocks with known outputs hand them out (:class:`Replay`)
+    instead of computing them; the layer itself still runs its norms and residual adds."""
+    attention = None if known.attention is None else Replay(known.attention, pair=True)
+    mlp = None if known.mlp is None else Replay(known.mlp, pair=False)
+    with adapter.blocks_replaced(layer, attention, mlp):
+        yield
+
+
+def _replayed(
+    linear: nn.Linear, inputs: list[torch.Tensor], keep: torch.Tensor
+) -> list[torch.Tensor]:
+    """``linear`` (already sliced to ``keep`` and refitted) on the kept columns of each
+    recorded input, back on the inputs' device."""
+    device = linear.weight.device
+    keep = keep.to(device)
+    return [linear(x.to(device).index_select(-1, keep)).to(x.device) for x in inputs]
+
+
 def prune_layer_(
     layer: nn.Module,
     lp: LayerPlan,
@@ -485,7 +531,8 @@ def prune_layer_(
     damp: float,
     selection: str = "score",
     targets: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
-) -> LayerPlan:
+    host: torch.device | str | None = None,
+) -> tuple[LayerPlan, BlockOutputs]:
     """Slice one layer to ``lp``: attention first, then the MLP on the new attention output.
 
     Removing every KV group of a layer leaves no column to refit: ``lstsq`` then just drops
@@ -495,17 +542,29 @@ def prune_layer_(
     (``lam`` over all inputs) is written (:mod:`.selection`). ``targets`` are the dense
     model's ``o_proj`` / ``down_proj`` outputs per batch (pass 0; dense targets).
 
+    The statistics passes keep the projections' inputs (on ``host``; None = the layer's
+    device), so a cut block's final output is one sliced matmul away: pass 2 replays the
+    pruned attention instead of recomputing q/k/v and the attention scores, and the returned
+    outputs let the caller's pass 3 skip both blocks (:func:`replaying`).
+
     Returns:
-        The layer plan that was applied (``lp`` itself unless ``repair`` chose others).
+        ``(plan, outputs)``: the layer plan that was applied (``lp`` itself unless
+        ``repair`` chose others) and the per-batch outputs of its final blocks.
     """
     _, _, down = adapter.mlp_projections(layer)
+    keep_on = host if host is not None else down.weight.device
     cut_attn = attention_cut(layer, lp, plan, adapter)
     cut_mlp = len(lp.keep_mlp_channels) != down.in_features
     gram = compensation == "lstsq"
     repair = selection == "repair"
-    if cut_attn:
+    known = BlockOutputs()
+    if cut_attn and compensation == "lstsq" and not lp.keep_kv_groups:
+        # the whole block goes and no column is left to refit: nothing to measure
+        prune_attention_by_gqa_groups(layer, (), adapter, allow_removal=True)
+    elif cut_attn:
         o = adapter.attention_projections(layer)[3]
-        o_stats = _collect(layer, o, states, calls, gram, None if targets is None else targets[0])
+        y_o = None if targets is None else targets[0]
+        o_stats = _collect(layer, o, states, calls, gram, y_o, keep_on=keep_on)
         width = plan.queries_per_kv * plan.head_dim
         fix = None
         if repair and lp.keep_kv_groups and o_stats.gram is not None:
@@ -514,18 +573,31 @@ def prune_layer_(
             )
             lp = replace(lp, keep_kv_groups=groups)
         keep = group_rows(lp.keep_kv_groups, width)
-        no_columns_left = compensation == "lstsq" and not keep.numel()
-        if fix is None and not no_columns_left:
+        if fix is None:
             fix = _correction(o, keep, o_stats, compensation, damp)
-        del o_stats
-        if fix is not None and compensation == "bias":  # bias is not sliced; removal keeps it
+        if compensation == "bias":  # the bias is not sliced; a removed block keeps it
             _apply_correction_(o, fix, compensation)
         prune_attention_by_gqa_groups(layer, lp.keep_kv_groups, adapter, allow_removal=True)
-        if fix is not None and compensation == "lstsq":  # the refit kept columns
+        if compensation == "lstsq":  # the refit kept columns
             _apply_correction_(o, fix, compensation)
+        if adapter.has_attention(layer):  # (a removed block computes nothing anyway)
+            kept_columns = group_rows(sorted(lp.keep_kv_groups), width)
+            known.attention = _replayed(o, o_stats.inputs, kept_columns)
+        del o_stats
     if cut_mlp:
         y_down = None if targets is None else targets[1]
-        down_stats = _collect(layer, down, states, calls, gram, y_down)
+        replay, recorder = BlockOutputs(attention=known.attention), None
+        if known.attention is None and adapter.has_attention(layer):  # computed once, here
+            known.attention = []
+            recorder = adapter.attention(layer).register_forward_hook(
+                _output_recorder(known.attention, keep_on)
+            )
+        try:
+            with replaying(layer, adapter, replay):
+                down_stats = _collect(layer, down, states, calls, gram, y_down, keep_on=keep_on)
+        finally:
+            if recorder is not None:
+                recorder.remove()
         if repair and down_stats.gram is not None:  # selection and refit in one (W')
             channels, fix = select_kept_units(
                 down.weight, down_stats.gram, len(lp.keep_mlp_channels), damp, 1, down_stats.cross
@@ -534,10 +606,21 @@ def prune_layer_(
         else:
             keep = torch.as_tensor(sorted(lp.keep_mlp_channels), dtype=torch.long)
             fix = _correction(down, keep, down_stats, compensation, damp)
-        del down_stats
         prune_mlp_channels(layer, lp.keep_mlp_channels, adapter)
         _apply_correction_(down, fix, compensation)
-    return lp
+        kept_channels = torch.as_tensor(sorted(lp.keep_mlp_channels), dtype=torch.long)
+        known.mlp = _replayed(down, down_stats.inputs, kept_channels)
+        del down_stats
+    return lp, known
+
+
+def _output_recorder(sink: list[torch.Tensor], device: torch.device | str) -> Callable[..., None]:
+    """A forward hook appending a block's output (a tensor or a tuple's first item)."""
+
+    def record(module: nn.Module, args: tuple, out: Any) -> None:
+        sink.append(hidden_of(out).detach().to(device))
+
+    return record
 
 
 def add_output_biases_(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> None:

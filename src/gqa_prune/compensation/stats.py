@@ -1,4 +1,11 @@
-"""A forward pre-hook that accumulates the input statistics of one linear projection."""
+"""A forward pre-hook that accumulates the input statistics of one linear projection.
+
+The Gram matrix ``G = X^T diag(w) X`` is symmetric, so only its lower block triangle is
+accumulated: for each block of ``b`` columns starting at ``c``,
+``G[c:, c:c+b] += X[:, c:]^T (w * X[:, c:c+b])``, about ``T n^2 (1/2 + b/2n)`` multiply-adds
+per ``T`` tokens instead of ``T n^2`` (0.58 of the full product for n = 1536, 0.51 for
+14336); the upper blocks are mirrored once when the matrix is read.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,34 @@ from typing import Any
 
 import torch
 from torch import nn
+
+# columns per block of the Gram accumulation (see the module docstring)
+GRAM_BLOCK = 256
+
+
+def add_gram_(
+    gram: torch.Tensor, x: torch.Tensor, xw: torch.Tensor, block: int = GRAM_BLOCK
+) -> None:
+    """``gram += x^T xw`` on the lower block triangle only (rows >= each block's start).
+
+    Args:
+        gram: ``(n, n)`` accumulator; its upper off-diagonal blocks are left untouched.
+        x, xw: ``(T, n)`` inputs and weighted inputs (``xw = w * x``; ``x`` itself unweighted).
+        block: columns per block.
+    """
+    n = gram.shape[0]
+    for c in range(0, n, block):
+        e = min(c + block, n)
+        gram[c:, c:e].addmm_(x[:, c:].T, xw[:, c:e])
+
+
+def mirror_lower_blocks_(gram: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """Copy the lower block triangle onto the upper one (in place, block by block)."""
+    n = gram.shape[0]
+    for c in range(0, n, block):
+        e = min(c + block, n)
+        gram[c:e, e:] = gram[e:, c:e].T
+    return gram
 
 
 class InputStats:
@@ -23,6 +58,9 @@ class InputStats:
             with ``targets[i]``, same tokens); accumulates ``cross = X^T Y`` (in x out, fp32).
         weights: per-call token weights ``w`` (``(B, L)``, same tokens as the inputs): the
             Gram matrix becomes ``X^T diag(w) X`` (the sum and the cross product stay plain).
+        keep_on: also keep each call's input (model dtype) in ``inputs``, moved to this
+            device (the engine replays the projection on them once it is refitted);
+            None = keep nothing.
     """
 
     def __init__(
@@ -31,12 +69,14 @@ class InputStats:
         gram: bool,
         targets: Sequence[torch.Tensor] | None = None,
         weights: Sequence[torch.Tensor] | None = None,
+        keep_on: torch.device | str | None = None,
     ) -> None:
         n_in, device = linear.in_features, linear.weight.device
         self.count = 0
         self.calls = 0
         self.sum = torch.zeros(n_in, dtype=torch.float64, device=device)
-        self.gram = torch.zeros(n_in, n_in, dtype=torch.float32, device=device) if gram else None
+        self._gram = torch.zeros(n_in, n_in, dtype=torch.float32, device=device) if gram else None
+        self._mirrored = True
         self.targets = targets
         self.weights = weights
         self.cross = (
@@ -44,22 +84,39 @@ class InputStats:
             if targets is None
             else torch.zeros(n_in, linear.out_features, dtype=torch.float32, device=device)
         )
+        self.keep_on = keep_on
+        self.inputs: list[torch.Tensor] = []
         self._handle = linear.register_forward_pre_hook(self)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.keep_on is not None:
+            self.inputs.append(args[0].detach().to(self.keep_on))
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         self.count += x.shape[0]
         self.sum += x.sum(0, dtype=torch.float64)
-        if self.gram is not None:
-            if self.weights is None:
-                self.gram.addmm_(x.T, x)
-            else:
+        if self._gram is not None:
+            xw = x
+            if self.weights is not None:
                 w = self.weights[self.calls].reshape(-1, 1).to(x.device, torch.float32)
-                self.gram.addmm_(x.T, x * w)
+                xw = x * w
+            add_gram_(self._gram, x, xw)
+            self._mirrored = False
         if self.cross is not None and self.targets is not None:
             y = self.targets[self.calls]
             self.cross.addmm_(x.T, y.reshape(-1, y.shape[-1]).to(x.device, torch.float32))
         self.calls += 1
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """``X^T diag(w) X`` so far, ``(in, in)`` float32 (None when not accumulated)."""
+        if self._gram is not None and not self._mirrored:
+            mirror_lower_blocks_(self._gram)
+            self._mirrored = True
+        return self._gram
+
+    @gram.setter
+    def gram(self, value: torch.Tensor | None) -> None:
+        self._gram, self._mirrored = value, True
 
     @property
     def mean(self) -> torch.Tensor:

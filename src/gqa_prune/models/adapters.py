@@ -6,6 +6,8 @@ gqa-prune reaches decoder layers, projections and config fields through here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +192,23 @@ class ArchitectureAdapter:
             removed.bias.data.copy_(bias)
             removed.bias.requires_grad_(o.weight.requires_grad)
         setattr(layer, self.attn_attr, removed)
+
+    @contextmanager
+    def blocks_replaced(
+        self, layer: nn.Module, attention: nn.Module | None = None, mlp: nn.Module | None = None
+    ) -> Iterator[None]:
+        """Inside the block, the layer's attention and / or MLP block are the given modules
+        (None = unchanged); the originals are back afterwards, also on an exception."""
+        saved = []
+        for attr, module in ((self.attn_attr, attention), (self.mlp_attr, mlp)):
+            if module is not None:
+                saved.append((attr, self._child(layer, attr, "block")))
+                setattr(layer, attr, module)
+        try:
+            yield
+        finally:
+            for attr, original in saved:
+                setattr(layer, attr, original)
 
     def _child(self, module: nn.Module, name: str, what: str) -> nn.Module:
         child = getattr(module, name, None)
