@@ -6,6 +6,10 @@ Usage::
 
 Prints a markdown table (method, seconds, speed-up vs naive removal) and the five least and
 most important layers by removal. Exits with status 1 if fast and naive removal disagree.
+
+``--compare_samples 2,4,8`` instead prints how much the removal scores depend on the number
+of calibration sequences (drawn as the CLI draws them, seed ``--seed``): the rank
+correlation of each count's scores with the largest count's.
 """
 
 from __future__ import annotations
@@ -32,6 +36,32 @@ def _timed(fn: Callable[[], LayerImportance]) -> tuple[LayerImportance, float]:
     return result, time.perf_counter() - start
 
 
+def _ranks(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values).argsort().argsort().double()
+
+
+def compare_sample_counts(model, tok, tokens, args) -> int:  # noqa: ANN001 - bench helper
+    """Removal scores on N x seq_len tokens for each N; rank correlation with the largest N."""
+    from gqa_prune.data import bos_prefix
+
+    counts = sorted(int(n) for n in args.compare_samples.split(","))
+    scores = {}
+    for n in counts:
+        ids = sample_calibration(tokens, n, args.seq_len, args.seed, bos_prefix(tok))
+        scores[n] = compute_layer_importance(
+            model, ids, "removal", batch_size=args.batch_size, progress=False
+        ).scores
+    ref = _ranks(scores[counts[-1]])
+    print(f"\n{args.model}, removal scores, seed {args.seed}, sequences of {args.seq_len}\n")
+    print(f"| sequences | rank correlation with {counts[-1]} | least important five |")
+    print("|---:|---:|---|")
+    for n in counts:
+        rho = torch.corrcoef(torch.stack([_ranks(scores[n]), ref]))[0, 1].item()
+        least = sorted(range(len(scores[n])), key=lambda i: scores[n][i])[:5]
+        print(f"| {n} | {rho:.3f} | {least} |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -41,10 +71,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="timings: fastest of N runs")
     parser.add_argument("--data_dir", default=os.environ.get("GQA_PRUNE_DATA_DIR"))
+    parser.add_argument("--compare_samples", default=None, help="e.g. 2,4,8 (see above)")
     args = parser.parse_args()
 
     model, tok = load_model(args.model)
     tokens = tokenize_text(tok, load_text("wikitext2", "calibration", args.data_dir))
+    if args.compare_samples:
+        return compare_sample_counts(model, tok, tokens, args)
     ids = sample_calibration(tokens, args.samples, args.seq_len, args.seed)
     common = dict(batch_size=args.batch_size, progress=False)
 
