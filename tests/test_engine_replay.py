@@ -150,3 +150,49 @@ def test_gram_from_lower_blocks_is_the_full_product(monkeypatch, n_in, block, we
     assert not torch.equal(seen[0], seen[-1])
     assert [torch.equal(a, b) for a, b in zip(stats.inputs, xs, strict=True)] == [True] * 3
     stats.remove()
+
+
+def test_memory_estimate_covers_the_engine_recordings(monkeypatch):
+    from gqa_prune.streaming.pipeline import plan_memory
+
+    model = tiny_model("llama4", num_hidden_layers=4)
+    tokens = IDS.numel()
+    # the largest recording of any layer: kept projection inputs + replayed block outputs
+    peak = {"now": 0, "max": 0}
+    original_call, original_replayed = InputStats.__call__, sequential_mod._replayed
+
+    def call(self, module, args):
+        original_call(self, module, args)
+        if self.keep_on is not None:
+            peak["now"] += args[0].numel() * args[0].element_size()
+            peak["max"] = max(peak["max"], peak["now"])
+
+    def replayed(linear, inputs, keep):
+        out = original_replayed(linear, inputs, keep)
+        peak["now"] += sum(t.numel() * t.element_size() for t in out)
+        peak["max"] = max(peak["max"], peak["now"])
+        return out
+
+    original_layer = sequential_mod.prune_layer_
+
+    def layer(*args, **kwargs):
+        peak["now"] = 0  # the previous layer's recordings are gone by now
+        return original_layer(*args, **kwargs)
+
+    def plan(**kw):
+        return plan_memory(model, 4, 16, "taylor", "lstsq", selection="repair", **kw)
+
+    base, with_tokens = plan(), plan(calibration_tokens=tokens)
+    hidden = 48
+    held = with_tokens.dense - base.dense
+    assert with_tokens.resident == base.resident  # streaming on a device: recordings on the host
+    monkeypatch.setattr(InputStats, "__call__", call)
+    monkeypatch.setattr(sequential_mod, "_replayed", replayed)
+    monkeypatch.setattr(sequential_mod, "prune_layer_", layer)
+    prune_sequential_(model, mixed_plan(model), IDS, "lstsq", 0.1, batch_size=4)
+    stream = tokens * hidden * 4  # fp32 boundary states
+    assert 0 < peak["max"] and stream + peak["max"] <= held
+    none = plan_memory(model, 4, 16, "taylor", "none", calibration_tokens=tokens).dense
+    assert none - plan_memory(model, 4, 16, "taylor", "none").dense == stream
+    resident = plan(calibration_tokens=tokens, layers_in_device_memory=True).resident
+    assert resident - plan(layers_in_device_memory=True).resident == held

@@ -167,6 +167,7 @@ def estimate_memory(
     needs_grad: bool,
     selection: str = "score",
     target: str = "local",
+    calibration_tokens: int = 0,
 ) -> MemoryPlan:
     """Upper-bound estimate of the compute-device memory of a streaming run.
 
@@ -184,6 +185,11 @@ def estimate_memory(
         selection: ``repair`` holds ``H^-1`` (fp64), a transient fp64 copy and ``W'`` (fp64)
             beside the fp32 Gram matrix instead of the ridge solve.
         target: ``dense`` adds the fp32 cross product ``X^T Y`` (out x in).
+        calibration_tokens: compensation tokens (samples x length). Their boundary hidden
+            states and the current layer's recordings (the engine's projection inputs and
+            block outputs; the dense stream and targets with ``dense``) rest on the host:
+            counted where that is the compute device's memory (in memory, and CPU streaming
+            with the layers in RAM).
     """
     tokens = batch_size * seq_len
     # logits in the model dtype and fp32 (+ their gradient for Taylor)
@@ -223,11 +229,25 @@ def estimate_memory(
         dense_other = max([dense_other, acts, *(v for k, v in steps.items() if k != "scores")])
     if largest is None:
         raise GQAPruneError("the model has no decoder layers")
+    # per token: the stream, and with a refit the recorded inputs of o_proj and down_proj
+    # (at most the widest projection each) and the two block outputs
+    per_token = hidden
+    if compensation != "none":
+        widest_all = max(
+            max(m.in_features, m.out_features)
+            for layer in layers
+            for m in layer.modules()
+            if isinstance(m, torch.nn.Linear)
+        )
+        per_token += 2 * widest_all + 2 * hidden + (3 * hidden if target == "dense" else 0)
+    held = calibration_tokens * per_token * dtype_bytes
+    if layers_resident:
+        resident += held
     # in memory: every layer resident; while scoring, one full-model backward keeps the
     # gradients of every projection and the activations of every layer at once; the
     # compensation runs afterwards, with one layer's working memory
     scoring = logits + dense_acts + dense_scores + (sum(weights) if needs_grad else 0)
-    dense = resident_modules_bytes + sum(weights) + max(scoring, dense_other)
+    dense = resident_modules_bytes + sum(weights) + max(scoring, dense_other) + held
     return MemoryPlan(resident=resident, largest=largest, dense=dense)
 
 

@@ -45,6 +45,7 @@ def plan_memory(
     selection: str = "score",
     target: str = DEFAULT_TARGET,
     mode: str = "layer",
+    calibration_tokens: int = 0,
 ) -> MemoryPlan:
     """Estimate the compute-device memory of pruning ``model`` (an upper bound).
 
@@ -56,6 +57,7 @@ def plan_memory(
         layers_in_device_memory: the parked layers share the device's memory.
         selection, target, mode: ``repair`` selection in ``layer`` mode computes no unit
             scores (no gradients); ``repair`` and ``dense`` targets hold more per layer.
+        calibration_tokens: compensation samples x length (see ``estimate_memory``).
     """
     config: Any = model.config
     layers = list(get_adapter(model).decoder_layers(model))
@@ -76,6 +78,7 @@ def plan_memory(
         # sensitivity runs the repair's greedy (to the end) on every projection
         selection="repair" if mode == "sensitivity" else selection,
         target=target,
+        calibration_tokens=calibration_tokens,
     )
 
 
@@ -88,6 +91,7 @@ def check_streaming_memory(
     selection: str = "score",
     target: str = DEFAULT_TARGET,
     mode: str = "layer",
+    calibration_tokens: int = 0,
 ) -> MemoryPlan:
     """Raise a GQAPruneError if one layer plus the resident modules exceed ``max_memory``."""
     plan = plan_memory(
@@ -100,6 +104,7 @@ def check_streaming_memory(
         selection,
         target,
         mode,
+        calibration_tokens,
     )
     advice = "raise --max_memory, lower --taylor_batch_size"
     if streamer.layers_in_device_memory:
