@@ -71,11 +71,10 @@ def test_replay_gives_the_weights_of_recomputing(
         torch.testing.assert_close(replayed(IDS).logits, recomputed(IDS).logits)
 
 
-def test_blocks_compute_once_per_layer_and_batch():
-    model = tiny_model("llama4", num_hidden_layers=4)
+def count_calls(model) -> dict[str, int]:
+    """Per-name call counters on every layer, its q_proj, MLP, gate_proj and down_proj."""
     adapter = get_adapter(model)
-    layers = adapter.decoder_layers(model)
-    calls = {"layer": 0, "q": 0, "mlp": 0, "gate": 0}
+    calls = dict.fromkeys(("layer", "q", "mlp", "gate", "down"), 0)
 
     def count(name):
         def hook(*_):
@@ -83,11 +82,37 @@ def test_blocks_compute_once_per_layer_and_batch():
 
         return hook
 
-    for layer in layers:
-        layer.register_forward_pre_hook(count("layer"))
-        adapter.attention_projections(layer)[0].register_forward_pre_hook(count("q"))
-        adapter.mlp(layer).register_forward_pre_hook(count("mlp"))
-        adapter.mlp_projections(layer)[0].register_forward_pre_hook(count("gate"))
+    for layer in adapter.decoder_layers(model):
+        gate, _, down = adapter.mlp_projections(layer)
+        watched = (layer, adapter.attention_projections(layer)[0], adapter.mlp(layer), gate, down)
+        for name, module in zip(calls, watched, strict=True):
+            module.register_forward_pre_hook(count(name))
+    return calls
+
+
+def test_every_layer_cut_both_ways_computes_each_block_once():
+    model = tiny_model("llama4")
+    geometry = get_adapter(model).geometry(model)
+    plan = PruningPlan(
+        tuple(LayerPlan(i, (0,), tuple(range(0, 96, 2))) for i in range(3)),
+        geometry.queries_per_kv,
+        geometry.head_dim,
+    )
+    calls = count_calls(model)
+    prune_sequential_(model, plan, IDS, "lstsq", 0.1, batch_size=4)
+    batches, n = 2, 3
+    # capture runs no layer; per layer pass 1 (stops at o_proj), pass 2 (replays the pruned
+    # attention, stops at down_proj), pass 3 (replays both blocks) except after the last
+    assert calls["layer"] == batches * (3 * n - 1)
+    assert calls["q"] == batches * n  # attention computes in pass 1 only
+    assert calls["mlp"] == calls["gate"] == batches * n  # the MLP in pass 2 only
+    # down_proj: reached (and stopped) in pass 2, then run once on the recorded inputs
+    assert calls["down"] == batches * 2 * n
+
+
+def test_blocks_compute_once_per_layer_and_batch():
+    model = tiny_model("llama4", num_hidden_layers=4)
+    calls = count_calls(model)
     prune_sequential_(model, mixed_plan(model), IDS, "lstsq", 0.1, batch_size=4)
     batches = 2
     # layer 0: passes 1, 2, 3; layer 1 (MLP only): 2, 3; layer 2 (attention only): 1, 3;
@@ -128,8 +153,6 @@ def test_gram_from_lower_blocks_is_the_full_product(monkeypatch, n_in, block, we
     from gqa_prune.compensation import stats as stats_mod
 
     monkeypatch.setattr(stats_mod, "GRAM_BLOCK", block)
-    monkeypatch.setattr(stats_mod.add_gram_, "__defaults__", (block,))
-    monkeypatch.setattr(stats_mod.mirror_lower_blocks_, "__defaults__", (block,))
     g = torch.Generator().manual_seed(n_in)
     xs = [torch.randn(2, 4, n_in, generator=g) for _ in range(3)]
     ws = [torch.rand(2, 4, generator=g) for _ in range(3)] if weighted else None

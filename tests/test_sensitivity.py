@@ -1,4 +1,4 @@
-"""Measured sensitivity (``--pruning_mode sensitivity``) and the engine's cheaper passes."""
+"""Measured sensitivity (``--pruning_mode sensitivity``)."""
 
 import copy
 
@@ -7,11 +7,10 @@ import torch
 
 from gqa_prune import AllocationConfig, GQAPruneError, prune_model_
 from gqa_prune import pipeline as pipeline_mod
-from gqa_prune.compensation import ResidentLayers, prune_sequential_, repair_sensitivity
+from gqa_prune.compensation import ResidentLayers, repair_sensitivity
 from gqa_prune.compensation.selection import greedy_removal, removal_error, ridge_lambda
 from gqa_prune.compensation.sensitivity import _gain, curve_costs
 from gqa_prune.models.adapters import get_adapter
-from gqa_prune.plan import LayerPlan, PruningPlan
 from gqa_prune.streaming import LayerStreamer, StreamingConfig
 
 from conftest import tiny_model
@@ -189,41 +188,6 @@ def test_sensitivity_mode_with_score_selection_keeps_the_greedys_survivors():
     for lp, c in zip(out.plan.layers, costs.channels, strict=True):
         last = torch.argsort(c, descending=True)[: len(lp.keep_mlp_channels)]
         assert sorted(last.tolist()) == list(lp.keep_mlp_channels)
-
-
-def test_engine_passes_stop_at_the_hooked_projection():
-    model = tiny_model("llama4")
-    adapter = get_adapter(model)
-    layers = adapter.decoder_layers(model)
-    geometry = adapter.geometry(model)
-    plan = PruningPlan(
-        tuple(LayerPlan(i, (0,), tuple(range(0, 96, 2))) for i in range(3)),
-        geometry.queries_per_kv,
-        geometry.head_dim,
-    )
-    calls = {"layer": 0, "q": 0, "mlp": 0, "down": 0}
-
-    def count(name):
-        def hook(*_):
-            calls[name] += 1
-
-        return hook
-
-    for layer in layers:
-        layer.register_forward_pre_hook(count("layer"))
-        adapter.attention_projections(layer)[0].register_forward_pre_hook(count("q"))
-        adapter.mlp(layer).register_forward_pre_hook(count("mlp"))
-        adapter.mlp_projections(layer)[2].register_forward_pre_hook(count("down"))
-    batches = 2
-    prune_sequential_(model, plan, IDS, "lstsq", DAMP, batch_size=4)
-    n = len(layers)
-    # capture runs no layer; per layer pass 1 (stops at o_proj), pass 2 (replays the pruned
-    # attention, stops at down_proj), pass 3 (replays both blocks) except after the last
-    assert calls["layer"] == batches * (3 * n - 1)
-    assert calls["q"] == batches * n  # attention computes in pass 1 only
-    assert calls["mlp"] == batches * n  # the MLP in pass 2 only
-    # down_proj: reached (and stopped) in pass 2, then run once on the recorded inputs
-    assert calls["down"] == batches * 2 * n
 
 
 def test_sensitivity_mode_needs_calibration_ids():

@@ -598,17 +598,17 @@ def prune_layer_(
         finally:
             if recorder is not None:
                 recorder.remove()
+        fix = None
         if repair and down_stats.gram is not None:  # selection and refit in one (W')
             channels, fix = select_kept_units(
                 down.weight, down_stats.gram, len(lp.keep_mlp_channels), damp, 1, down_stats.cross
             )
             lp = replace(lp, keep_mlp_channels=channels)
-        else:
-            keep = torch.as_tensor(sorted(lp.keep_mlp_channels), dtype=torch.long)
-            fix = _correction(down, keep, down_stats, compensation, damp)
+        kept_channels = torch.as_tensor(sorted(lp.keep_mlp_channels), dtype=torch.long)
+        if fix is None:
+            fix = _correction(down, kept_channels, down_stats, compensation, damp)
         prune_mlp_channels(layer, lp.keep_mlp_channels, adapter)
         _apply_correction_(down, fix, compensation)
-        kept_channels = torch.as_tensor(sorted(lp.keep_mlp_channels), dtype=torch.long)
         known.mlp = _replayed(down, down_stats.inputs, kept_channels)
         del down_stats
     return lp, known

@@ -20,24 +20,25 @@ GRAM_BLOCK = 256
 
 
 def add_gram_(
-    gram: torch.Tensor, x: torch.Tensor, xw: torch.Tensor, block: int = GRAM_BLOCK
+    gram: torch.Tensor, x: torch.Tensor, xw: torch.Tensor, block: int | None = None
 ) -> None:
     """``gram += x^T xw`` on the lower block triangle only (rows >= each block's start).
 
     Args:
         gram: ``(n, n)`` accumulator; its upper off-diagonal blocks are left untouched.
         x, xw: ``(T, n)`` inputs and weighted inputs (``xw = w * x``; ``x`` itself unweighted).
-        block: columns per block.
+        block: columns per block (None = ``GRAM_BLOCK``).
     """
-    n = gram.shape[0]
+    n, block = gram.shape[0], block or GRAM_BLOCK
     for c in range(0, n, block):
         e = min(c + block, n)
         gram[c:, c:e].addmm_(x[:, c:].T, xw[:, c:e])
 
 
-def mirror_lower_blocks_(gram: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
-    """Copy the lower block triangle onto the upper one (in place, block by block)."""
-    n = gram.shape[0]
+def mirror_lower_blocks_(gram: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """Copy the lower block triangle onto the upper one (in place, block by block; the
+    blocks of :func:`add_gram_`, None = ``GRAM_BLOCK``)."""
+    n, block = gram.shape[0], block or GRAM_BLOCK
     for c in range(0, n, block):
         e = min(c + block, n)
         gram[c:e, e:] = gram[e:, c:e].T

@@ -198,10 +198,12 @@ def estimate_memory(
     resident = resident_modules_bytes + logits + (sum(weights) if layers_resident else 0)
     largest: LayerNeed | None = None
     dense_acts = dense_scores = dense_other = 0
+    widest_all = hidden  # the widest projection of any layer
     for i, layer in enumerate(layers):
         linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
         biggest = max((m.weight.numel() for m in linears), default=0)
         widest = max((max(m.in_features, m.out_features) for m in linears), default=hidden)
+        widest_all = max(widest_all, widest)
         # one batch through the layer: in/out/grad boundary states, q/k/v/o and the MLP
         # intermediates (kept for backward), and eager attention scores as an upper bound
         acts = tokens * (8 * hidden + 4 * widest) * dtype_bytes
@@ -233,12 +235,6 @@ def estimate_memory(
     # (at most the widest projection each) and the two block outputs
     per_token = hidden
     if compensation != "none":
-        widest_all = max(
-            max(m.in_features, m.out_features)
-            for layer in layers
-            for m in layer.modules()
-            if isinstance(m, torch.nn.Linear)
-        )
         per_token += 2 * widest_all + 2 * hidden + (3 * hidden if target == "dense" else 0)
     held = calibration_tokens * per_token * dtype_bytes
     if layers_resident:
