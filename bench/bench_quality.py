@@ -42,7 +42,13 @@ from zeroshot_column import ZeroShotColumn
 
 from gqa_prune.analysis import compute_layer_importance
 from gqa_prune.config import RunConfig
-from gqa_prune.data import bos_prefix, load_text, sample_calibration, tokenize_text
+from gqa_prune.data import (
+    bos_prefix,
+    load_text,
+    sample_calibration,
+    source_list,
+    tokenize_text,
+)
 from gqa_prune.evaluation.perplexity import evaluate_perplexity
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.loading import load_model
@@ -104,6 +110,26 @@ def reference_seconds(model: torch.nn.Module, ids: torch.Tensor, batch_size: int
     seconds = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     return seconds
+
+
+def calibration_tokens(
+    spec: str, wikitext: torch.Tensor, tokenizer: Any, data_dir: str | None
+) -> torch.Tensor:
+    """Calibration tokens of ``--calibration_dataset`` (a comma list), joined by a blank line.
+
+    ``wikitext2`` stands for ``wikitext`` (the calibration split, without the validation
+    tail when the bench runs on validation); any other source is read whole.
+    """
+    sep = tokenize_text(tokenizer, "\n\n")
+    parts: list[torch.Tensor] = []
+    for source in source_list(spec):
+        if parts:
+            parts.append(sep)
+        if source == "wikitext2":
+            parts.append(wikitext)
+        else:
+            parts.append(tokenize_text(tokenizer, load_text(source, "calibration", data_dir)))
+    return torch.cat(parts)
 
 
 def prune_like_the_cli(
@@ -208,9 +234,10 @@ def main() -> None:
             print(rows[-1], flush=True)
         for method, settings in methods.items():
             c = replace(base, **settings)
+            tokens = calibration_tokens(c.calibration_dataset, calib_tokens, tok, args.data_dir)
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
-            prune_like_the_cli(model, c, calib_tokens, bos)
+            prune_like_the_cli(model, c, tokens, bos)
             seconds = time.perf_counter() - t0
             params = get_adapter(model).geometry(model).total_params
             rows.append(

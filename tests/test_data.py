@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gqa_prune.data import PACKAGED_FILES, load_text, sample_calibration
+from gqa_prune.data import PACKAGED_FILES, load_text, sample_calibration, source_list
 from gqa_prune.errors import GQAPruneError
 
 
@@ -97,6 +97,24 @@ def test_missing_and_empty_sources_are_clear(tmp_path, monkeypatch):
     # no packaged copy of ptb: an unset data dir still ends in a clear error
     with pytest.raises(GQAPruneError, match="no data directory is set"):
         load_text("ptb", "eval")
+
+
+def test_source_list_joins_named_sets_and_files_in_order(tmp_path, monkeypatch):
+    _write_local_copies(tmp_path, "test split\n", "valid split\r\n")
+    monkeypatch.setenv("GQA_PRUNE_DATA_DIR", str(tmp_path))
+    book = tmp_path / "book.txt"
+    book.write_text("Chapter one.\r\n")
+    assert load_text(f"{book},wikitext2", "calibration") == "Chapter one.\n\n\nvalid split\n"
+    assert load_text(f"wikitext2, {book}", "eval") == "test split\n\n\nChapter one.\n"
+    # a file whose name holds a comma is one source, not a list
+    odd = tmp_path / "a,b.txt"
+    odd.write_text("odd name")
+    assert source_list(str(odd)) == [str(odd)]
+    assert load_text(str(odd), "calibration") == "odd name"
+    with pytest.raises(GQAPruneError, match="empty entry"):
+        load_text("wikitext2,", "calibration")
+    with pytest.raises(GQAPruneError, match="neither a file nor a known data set"):
+        load_text(f"wikitext2,{tmp_path / 'missing.txt'}", "calibration")
 
 
 def test_calibration_sampler_is_seeded_and_unpadded():

@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--calibration_dataset",
         default=d.calibration_dataset,
-        help="name (wikitext2, ptb, c4) or text file; a non-test split is used",
+        help="name (wikitext2, ptb, c4), text file, or a comma list of them (joined); "
+        "a non-test split is used",
     )
     g.add_argument("--eval_dataset", default=d.eval_dataset, help="name or text file (test split)")
 

