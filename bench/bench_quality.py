@@ -50,6 +50,7 @@ from gqa_prune.data import (
     tokenize_text,
 )
 from gqa_prune.evaluation.perplexity import evaluate_perplexity
+from gqa_prune.evaluation.zeroshot import format_zeroshot_table
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.loading import load_model
 from gqa_prune.pipeline import prune_model_
@@ -72,6 +73,8 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 # measured sensitivity: the repair's error curves + a global solve (no layer importance)
 METHODS["sensitivity"] = dict(pruning_mode="sensitivity", pruning_distribution="auto")
+# the same, each token's error priced by the squared loss gradient at the layer's output
+METHODS["sensitivity-grad"] = dict(METHODS["sensitivity"], sensitivity_weights="gradient")
 for _li, _tag in (("removal", "rm"), ("block_influence", "bi")):
     for _sel in ("score", "repair"):
         for _target in ("local", "dense"):
@@ -167,6 +170,7 @@ def prune_like_the_cli(
         compensation_damp=c.compensation_damp,
         selection=c.selection,
         compensation_target=c.compensation_target,
+        sensitivity_weights=c.sensitivity_weights,
     )
     model.zero_grad(set_to_none=True)
 
@@ -183,6 +187,9 @@ def main() -> None:
     p.add_argument("--eval_windows", type=int, default=200, help="perplexity windows of 128")
     p.add_argument("--zeroshot_limit", type=int, default=100, help="items per task (0 = off)")
     p.add_argument("--zeroshot_batch_size", type=int, default=8)
+    p.add_argument(
+        "--zeroshot_tasks", action="store_true", help="also print each row's per-task table"
+    )
     p.add_argument("--validation_fraction", type=float, default=0.1)
     p.add_argument("--set", action="append", default=[], help="extra RunConfig KEY=VALUE")
     p.add_argument("--no_dense", action="store_true", help="skip the dense rows")
@@ -225,7 +232,12 @@ def main() -> None:
                 progress=False,
                 bos_token_id=bos,  # noqa: B023
             ).ppl
-            zs = column.cell(model, tok) if column is not None else "-"  # noqa: B023
+            zs = "-"
+            if column is not None:
+                result = column.evaluate(model, tok)  # noqa: B023
+                if args.zeroshot_tasks:
+                    print(format_zeroshot_table({"model": result}), flush=True)
+                zs = "n/a" if result.mean_score is None else f"{result.mean_score:.4f}"
             return zs, f"{ppl:.2f}"
 
         if not args.no_dense:

@@ -251,3 +251,117 @@ def test_token_weights_are_the_inverse_mean_square():
 
     h = torch.tensor([[[1.0, 1.0], [3.0, 4.0], [0.0, 0.0]]])
     torch.testing.assert_close(_token_weights(h), torch.tensor([[1.0, 2 / 25, 0.0]]))
+
+
+def _full_model_gradient_weights(model, batches):
+    """||d sum-NLL / d h_l||^2 per token from one ordinary full-model backward (reference)."""
+    from gqa_prune.analysis.decoder_stack import hidden_of
+
+    layers = get_adapter(model).decoder_layers(model)
+    out: list[list[torch.Tensor]] = [[] for _ in layers]
+    for ids in batches:
+        kept: list[torch.Tensor] = []
+        hooks = [
+            layer.register_forward_hook(lambda m, a, o: kept.append(hidden_of(o)))
+            for layer in layers
+        ]
+        try:
+            logits = model(input_ids=ids).logits[:, :-1].float()
+        finally:
+            for h in hooks:
+                h.remove()
+        for h in kept:
+            h.retain_grad()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        loss.backward()
+        for i, h in enumerate(kept):
+            out[i].append(h.grad.square().sum(-1))
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama4", "gemma3"])
+def test_gradient_weights_equal_a_full_model_backward_in_memory_and_streamed(kind):
+    from gqa_prune.compensation import output_gradient_weights
+
+    dense = tiny_model(kind)
+    batches = list(IDS.split(4))
+    before = [p.detach().clone() for p in dense.parameters()]
+    flags = [p.requires_grad for p in dense.parameters()]
+    got = output_gradient_weights(ResidentLayers(dense), batches)
+    assert all(torch.equal(p, q) for p, q in zip(before, dense.parameters(), strict=True))
+    assert [p.requires_grad for p in dense.parameters()] == flags
+    assert all(p.grad is None for p in dense.parameters())
+    want = _full_model_gradient_weights(copy.deepcopy(dense), batches)
+    assert len(got) == len(want) == get_adapter(dense).geometry(dense).num_layers
+    for g_layer, w_layer in zip(got, want, strict=True):
+        for g, w in zip(g_layer, w_layer, strict=True):
+            assert g.shape == w.shape == (4, IDS.shape[1])
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-10)
+    # the last position predicts nothing: no gradient reaches it from the loss
+    assert float(got[-1][0][:, -1].abs().max()) == 0.0
+    streamer = LayerStreamer(copy.deepcopy(dense), StreamingConfig(device="cpu"))
+    try:
+        streamed = output_gradient_weights(streamer, batches)
+    finally:
+        streamer.close()
+    for g_layer, s_layer in zip(got, streamed, strict=True):
+        for g, s in zip(g_layer, s_layer, strict=True):
+            torch.testing.assert_close(g, s, rtol=1e-5, atol=1e-12)
+
+
+def test_gradient_weights_price_the_curves_and_stream_like_in_memory():
+    from gqa_prune.compensation import output_gradient_weights
+    from gqa_prune.compensation.stats import InputStats
+
+    dense = tiny_model("llama4")
+    grad = repair_sensitivity(ResidentLayers(dense), IDS, DAMP, batch_size=4, weights="gradient")
+    stream = repair_sensitivity(ResidentLayers(dense), IDS, DAMP, batch_size=4)
+    assert any(
+        not torch.allclose(a, b) for a, b in zip(grad.channels, stream.channels, strict=True)
+    )
+    # layer 1's channel order is the greedy's on the down_proj Gram weighted by (6)
+    walk = ResidentLayers(dense)
+    batches = list(IDS.split(4))
+    weights = output_gradient_weights(walk, batches)[1]
+    states, calls = walk.capture(batches)
+    with torch.no_grad():
+        states = [walk.run(walk.layers[0], h, c) for h, c in zip(states, calls, strict=True)]
+    down = walk.adapter.mlp_projections(walk.layers[1])[2]
+    stats = InputStats(down, True, weights=weights)
+    with torch.no_grad():
+        for h, c in zip(states, calls, strict=True):
+            walk.run(walk.layers[1], h, c)
+    stats.remove()
+    trace = greedy_removal(down.weight, stats.gram, down.in_features, DAMP)
+    assert torch.argsort(grad.channels[1]).tolist() == list(trace.removed)
+    streamer = LayerStreamer(copy.deepcopy(dense), StreamingConfig(device="cpu"))
+    try:
+        streamed = repair_sensitivity(streamer, IDS, DAMP, batch_size=4, weights="gradient")
+    finally:
+        streamer.close()
+    for x, y in zip(grad.groups + grad.channels, streamed.groups + streamed.channels, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-12)
+    with pytest.raises(GQAPruneError, match="unknown sensitivity weights 'fisher'"):
+        repair_sensitivity(ResidentLayers(dense), IDS, DAMP, batch_size=4, weights="fisher")
+
+
+def test_cli_sensitivity_gradient_weights(tiny_run):
+    import json
+
+    from gqa_prune.cli import main
+
+    from conftest import tiny_args
+
+    args = ("--pruning_ratio", "0.3", "--prune_mlp", "--pruning_mode", "sensitivity")
+    grad = ("--sensitivity_weights", "gradient", "--save_ckpt_log_name", "g")
+    assert main(tiny_args(tiny_run, *args, *grad)) == 0
+    summary = json.loads((tiny_run["logs"] / "g" / "summary.json").read_text())
+    assert summary["method"]["sensitivity_weights"] == "gradient"
+    assert abs(summary["allocation"]["achieved_ratio"] - 0.3) <= 0.005
+    assert summary["method"]["importance"] is None  # no unit scores: only (6)'s backward
+    with pytest.raises(SystemExit) as exc:
+        main(tiny_args(tiny_run, *args, "--sensitivity_weights", "fisher"))
+    assert exc.value.code != 0

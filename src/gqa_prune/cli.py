@@ -19,6 +19,7 @@ from gqa_prune.config import (
     PRUNING_MODES,
     RATIO_BASES,
     SELECTIONS,
+    SENSITIVITY_WEIGHTS,
     STRATEGIES,
     TARGETS,
     RunConfig,
@@ -61,6 +62,15 @@ def add_allocation_arguments(g: Any, d: RunConfig) -> None:
         "layers by the error the lstsq refit leaves (measured error curves; no layer "
         "importance or unit scores needed; with --pruning_distribution auto the curves also "
         "split attention and MLP)",
+    )
+    g.add_argument(
+        "--sensitivity_weights",
+        default=d.sensitivity_weights,
+        choices=SENSITIVITY_WEIGHTS,
+        help="--pruning_mode sensitivity: how each token's refit error is priced. stream "
+        "(default): relative to the residual stream entering the layer; gradient: by the "
+        "squared loss gradient at the layer's output (counts the layers above; one more "
+        "forward and a layer-wise backward over the calibration set)",
     )
     g.add_argument("--pruning_strategy", default=d.pruning_strategy, choices=STRATEGIES)
     g.add_argument(

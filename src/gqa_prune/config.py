@@ -13,6 +13,7 @@ from gqa_prune.compensation import (
     DEFAULT_DAMP,
     DEFAULT_TARGET,
     SELECTIONS,
+    SENSITIVITY_WEIGHTS,
     TARGETS,
     check_compensation,
     check_selection,
@@ -85,6 +86,8 @@ class RunConfig:
     skip_importance_analysis: bool = False
     layer_importance_config: str | None = None
     pruning_mode: str = "layer"
+    # token weights of the sensitivity mode's error curves: stream (no backward) or gradient
+    sensitivity_weights: str = "stream"
     compensation: str = "lstsq"
     compensation_samples: int = 64
     compensation_damp: float = DEFAULT_DAMP
@@ -166,6 +169,7 @@ class RunConfig:
             ("pruning_ratio_basis", RATIO_BASES),
             ("importance", IMPORTANCE_CRITERIA),
             ("pruning_mode", PRUNING_MODES),
+            ("sensitivity_weights", SENSITIVITY_WEIGHTS),
             ("compensation", COMPENSATIONS),
             ("selection", SELECTIONS),
             ("compensation_target", TARGETS),

@@ -17,9 +17,11 @@ from gqa_prune.compensation import (
     Compensation,
     ResidentLayers,
     Selection,
+    SensitivityWeights,
     Target,
     check_compensation,
     check_selection,
+    check_sensitivity_weights,
     prune_sequential_,
     repair_sensitivity,
 )
@@ -101,6 +103,7 @@ def prune_model_(
     streaming: LayerStreamer | StreamingConfig | None = None,
     selection: Selection | str = "score",
     compensation_target: Target | str = DEFAULT_TARGET,
+    sensitivity_weights: SensitivityWeights | str = "stream",
 ) -> PruneOutcome:
     """Prune ``model`` in place to remove ``allocation_config.pruning_ratio`` of its parameters.
 
@@ -116,8 +119,9 @@ def prune_model_(
             (``allocate_global``), with the same floors, frozen layers and range;
             ``sensitivity`` = the same global solve on the repair's measured error curves
             (``gqa_prune.compensation.sensitivity``, on ``calibration_ids``; no unit
-            scores, no backward pass; ``criterion`` and ``layer_importance`` unused except
-            for ``freeze_top_n_layers``).
+            scores; no backward pass with the default ``sensitivity_weights``;
+            ``criterion`` and ``layer_importance`` unused except for
+            ``freeze_top_n_layers``).
         batch_size: calibration samples per forward/backward.
         seed: seed of the ``random`` criterion.
         compensation: ``none`` (plain deletion), ``lstsq`` or ``bias``: how the weights
@@ -142,6 +146,9 @@ def prune_model_(
         compensation_target: ``local`` = refit each projection to its own dense weights on
             the pruned inputs; ``dense`` = to the dense model's outputs (a dense stream
             carried beside the pruned one), so each layer also corrects the drift from below.
+        sensitivity_weights: token weights of the ``sensitivity`` mode's error curves:
+            ``stream`` (the size of the residual stream) or ``gradient`` (the squared loss
+            gradient at each layer's output: one more forward and a layer-wise backward).
     """
     if streaming is not None:
         return _prune_streaming_(
@@ -161,10 +168,12 @@ def prune_model_(
             compensation_damp=compensation_damp,
             selection=selection,
             compensation_target=compensation_target,
+            sensitivity_weights=sensitivity_weights,
         )
     before = get_adapter(model).geometry(model)
     check_compensation(compensation, compensation_damp, compensation_target)
     check_selection(selection, compensation)
+    check_sensitivity_weights(sensitivity_weights)
     allocation, scores, plan = plan_pruning(
         before,
         allocation_config,
@@ -175,7 +184,12 @@ def prune_model_(
         ),
         needs_scores=needs_unit_scores(mode, selection),
         sensitivity=lambda: repair_sensitivity(
-            ResidentLayers(model), calibration_ids, compensation_damp, batch_size, progress
+            ResidentLayers(model),
+            calibration_ids,
+            compensation_damp,
+            batch_size,
+            progress,
+            sensitivity_weights,
         ),
     )
     if compensation == "none":

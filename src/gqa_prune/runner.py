@@ -201,6 +201,9 @@ def build_summary(
         "mlp_ratio": 1 - sum(after.intermediate_sizes) / sum(before.intermediate_sizes),
         "method": {  # how the units were chosen and repaired
             "allocation": config.pruning_mode,
+            "sensitivity_weights": (
+                config.sensitivity_weights if config.pruning_mode == "sensitivity" else None
+            ),
             "layer_importance": (
                 config.layer_importance_method if needs_layer_importance(config) else None
             ),
@@ -444,6 +447,7 @@ class ExperimentRun:
                 streaming=self.streamer,
                 selection=config.selection,
                 compensation_target=config.compensation_target,
+                sensitivity_weights=config.sensitivity_weights,
             )
         self.memory.mark("prune")
         self.outcome.plan.save(self.exp.path("pruning_plan.json"))

@@ -31,7 +31,13 @@ from gqa_prune.compensation.selection import (
     removal_error,
     select_kept_units,
 )
-from gqa_prune.compensation.sensitivity import repair_sensitivity
+from gqa_prune.compensation.sensitivity import (
+    SENSITIVITY_WEIGHTS,
+    SensitivityWeights,
+    check_sensitivity_weights,
+    output_gradient_weights,
+    repair_sensitivity,
+)
 from gqa_prune.compensation.sequential import (
     COMPENSATIONS,
     DEFAULT_DAMP,
@@ -71,6 +77,10 @@ __all__ = [
     "prune_sequential_",
     "removal_error",
     "repair_sensitivity",
+    "SENSITIVITY_WEIGHTS",
+    "SensitivityWeights",
+    "check_sensitivity_weights",
+    "output_gradient_weights",
     "select_kept_units",
     "removed_mean_contribution",
     "ridge_refit",

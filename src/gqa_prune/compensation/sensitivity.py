@@ -24,15 +24,31 @@ random perturbation ``dY_p`` (``EPS`` of the output's RMS, fixed seed) to the pr
 output and running the layer again. The running maximum makes every layer's curve convex,
 so the units of a layer are priced in the greedy's own order.
 
+Gradient weights (``weights="gradient"``, ``--sensitivity_weights gradient``). The stream
+weights price an error by what the *next* norm sees; whether the layers above amplify or damp
+it is left out. With ``g_t = dL/dh_t``, the gradient of the calibration loss ``L`` (summed
+next-token NLL of the batch) at the layer's output, an error ``d_t`` added to the stream moves
+the loss by ``~ g_t . d_t``; for an error direction unrelated to ``g_t``,
+``E[(g_t . d_t)^2] = ||g_t||^2 ||d_t||^2 / H``, so the weights::
+
+    w_t = ||dL/dh_t||^2                                                              (6)
+
+make ``E(k)`` in (5) the predicted loss increase (the empirical-Fisher approximation), counted
+through every layer above. ``g`` comes from one forward and one layer-wise backward over the
+calibration set (:func:`output_gradient_weights`: the layers' inputs are kept on the host and
+each layer runs again with grad, as the streaming Taylor scores do, so in memory and streamed
+it is the same code): one forward more than a model backward, host memory for the inputs of
+every layer, ``num_layers x N x L x H`` (Llama-3-8B, 32 x 128 tokens, bf16: 1 GiB).
+
 :func:`gqa_prune.allocation.allocate_global` then removes the cheapest units per parameter
 across all layers until the target is met (within its +-0.5 %): the allocation with the
 least predicted loss under (5) (greedy knapsack; exact when the curves are convex). The
 per-layer counts go to the layer-wise engine, whose ``repair`` selection chooses the units
 again on the pruned stream (with the plain Gram matrices of the refit).
 
-Cost: one pass of each dense layer over the calibration set (both Gram matrices in one
-pass) plus two passes on one batch for the gains; per projection the greedy run to the end,
-``~ n^3 + 2 n (n^2 + o n)`` (``n`` inputs, ``o`` outputs): Llama-3-8B ``down_proj``
+Cost (stream weights): one pass of each dense layer over the calibration set (both Gram
+matrices in one pass) plus two passes on one batch for the gains; per projection the greedy
+run to the end, ``~ n^3 + 2 n (n^2 + o n)`` (``n`` inputs, ``o`` outputs): Llama-3-8B ``down_proj``
 (n = 14336, o = 4096) ~ 12 TFLOP fp64 per layer, memory as for ``--selection repair``
 (``H^-1`` 1.6 GiB + ``W'`` 0.47 GiB fp64).
 """
@@ -41,16 +57,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gqa_prune.analysis.decoder_stack import LayerCall
+from gqa_prune.analysis.decoder_stack import LayerCall, OutputHead
 from gqa_prune.compensation.selection import greedy_removal
 from gqa_prune.compensation.sequential import LayerWalk, check_calibration_ids
 from gqa_prune.compensation.stats import InputStats
+from gqa_prune.errors import GQAPruneError
 from gqa_prune.importance import UnitScores
 
 log = logging.getLogger(__name__)
@@ -58,11 +76,98 @@ log = logging.getLogger(__name__)
 # relative size of the random output perturbation that measures a projection's gain
 EPS = 0.05
 
+SensitivityWeights = Literal["stream", "gradient"]
+# token weights of the error curves: 1 / mean square of the stream (default), or (6)
+SENSITIVITY_WEIGHTS: tuple[str, ...] = ("stream", "gradient")
+
+
+def check_sensitivity_weights(weights: str) -> None:
+    """Raises GQAPruneError for a name not in :data:`SENSITIVITY_WEIGHTS`."""
+    if weights not in SENSITIVITY_WEIGHTS:
+        raise GQAPruneError(
+            f"unknown sensitivity weights '{weights}'; choose one of "
+            f"{', '.join(SENSITIVITY_WEIGHTS)}"
+        )
+
 
 def _token_weights(hidden: torch.Tensor) -> torch.Tensor:
     """``1 / mean_j(h_tj^2)`` per token, ``(B, L)`` fp32 (0 where the state is all zero)."""
     ms = hidden.detach().float().square().mean(-1)
     return torch.where(ms > 0, 1.0 / ms.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+
+
+def _square_norms(grad: torch.Tensor) -> torch.Tensor:
+    """``||g_t||^2`` per token: (B, L, H) -> (B, L) fp32."""
+    return grad.detach().float().square().sum(-1)
+
+
+def output_gradient_weights(
+    walk: LayerWalk, batches: Sequence[torch.Tensor], progress: bool = False
+) -> list[list[torch.Tensor]]:
+    """(6): ``||dL_b/dh_t||^2`` at every layer's output, per batch ``b`` and token ``t``.
+
+    ``L_b`` is the summed next-token NLL of batch ``b`` (the model's final norm, LM head and
+    logit soft-cap). Forward over all layers keeping each layer's input (host), the loss
+    gradient at the last output, then layer by layer from the top: run the layer again with
+    grad on its kept input and backpropagate to that input (the previous layer's output).
+    Weights are not differentiated (their ``requires_grad`` is off meanwhile) and the model
+    is left unchanged.
+
+    Returns:
+        ``[layer][batch]`` fp32 ``(B, L)`` tensors on the host.
+
+    Raises:
+        GQAPruneError: the calibration loss is not finite.
+    """
+    states, calls = walk.capture(list(batches))
+    n = walk.num_layers
+    inputs: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for i in tqdm(range(n), desc="gradient weights (forward)", disable=not progress):
+            inputs.append(list(states))
+            with walk.layer(i) as layer:
+                for b, call in enumerate(calls):
+                    states[b] = walk.run(layer, states[b], call).to(walk.host)
+    head = OutputHead(walk.model)
+    grads: list[torch.Tensor] = []
+    for b, ids in enumerate(batches):
+        hidden = states[b].to(walk.device).requires_grad_(True)
+        with torch.enable_grad():
+            logits = head(hidden[:, :-1]).float()
+            targets = ids[:, 1:].to(logits.device).reshape(-1)
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets, reduction="sum"
+            )
+            if not torch.isfinite(loss):
+                raise GQAPruneError(
+                    f"sensitivity gradient weights: calibration loss is {loss.item()} at batch "
+                    f"{b}; use --dtype float32 or check the model weights"
+                )
+            (grad,) = torch.autograd.grad(loss, hidden)
+        grads.append(grad.to(walk.host))
+    del states, logits
+    weights: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    for i in tqdm(reversed(range(n)), total=n, desc="gradient weights", disable=not progress):
+        weights[i] = [_square_norms(g).to(walk.host) for g in grads]
+        if i == 0:
+            break
+        with walk.layer(i) as layer:
+            params = list(layer.parameters())
+            flags = [p.requires_grad for p in params]
+            for p in params:
+                p.requires_grad_(False)
+            try:
+                for b, call in enumerate(calls):
+                    x = inputs[i][b].to(walk.device).requires_grad_(True)
+                    with torch.enable_grad():
+                        y = walk.run(layer, x, call)
+                        (gx,) = torch.autograd.grad(y, x, grad_outputs=grads[b].to(y.device))
+                    grads[b] = gx.to(walk.host)
+            finally:
+                for p, flag in zip(params, flags, strict=True):
+                    p.requires_grad_(flag)
+        inputs[i] = []
+    return weights
 
 
 def curve_costs(increments: Sequence[float], order: Sequence[int], scale: float) -> torch.Tensor:
@@ -125,6 +230,7 @@ def repair_sensitivity(
     damp: float,
     batch_size: int = 8,
     progress: bool = False,
+    weights: SensitivityWeights | str = "stream",
 ) -> UnitScores:
     """Unit costs (5) of every layer from the dense model's statistics (see the module doc).
 
@@ -134,6 +240,9 @@ def repair_sensitivity(
         damp: the ridge strength of the refit (as ``--compensation_damp``).
         batch_size: calibration sequences per layer forward.
         progress: show a progress bar over layers.
+        weights: token weights of the Gram matrices: ``stream`` = ``1 / mean(h_t^2)`` of
+            the stream entering the layer; ``gradient`` = (6), from one more forward and
+            a layer-wise backward (:func:`output_gradient_weights`).
 
     Returns:
         :class:`UnitScores` of float64 costs (higher = more important): per layer one per
@@ -141,8 +250,11 @@ def repair_sensitivity(
         within a layer they increase along the greedy's removal order.
     """
     ids = check_calibration_ids("sensitivity", calibration_ids, batch_size)
+    check_sensitivity_weights(weights)
     adapter = walk.adapter
-    states, calls = walk.capture(list(ids.split(batch_size)))
+    batches = list(ids.split(batch_size))
+    gradient = output_gradient_weights(walk, batches, progress) if weights == "gradient" else None
+    states, calls = walk.capture(batches)
     geometry = adapter.geometry(walk.model)
     width = geometry.queries_per_kv * geometry.head_dim
     groups: list[torch.Tensor] = []
@@ -154,11 +266,15 @@ def repair_sensitivity(
             linears = [down]
             if adapter.has_attention(layer):
                 linears.insert(0, adapter.attention_projections(layer)[3])
-            # per-token weights 1 / mean(h_t^2): each token's error relative to its stream
-            weights = [_token_weights(h) for h in states]
-            stats = [InputStats(lin, True, weights=weights) for lin in linears]
+            # per-token weights 1 / mean(h_t^2): each token's error relative to its stream;
+            # or (6), the squared loss gradient at the layer's output
+            if gradient is None:
+                token_weights = [_token_weights(h) for h in states]
+            else:
+                token_weights, gradient[i] = gradient[i], []
+            stats = [InputStats(lin, True, weights=token_weights) for lin in linears]
             first_in = states[0]  # batch 0's input and dense output, for the gains
-            tokens = sum(w.numel() for w in weights)
+            tokens = sum(w.numel() for w in token_weights)
             reference = torch.empty(0)
             try:
                 for b, call in enumerate(layer_calls):
@@ -169,7 +285,7 @@ def repair_sensitivity(
             finally:
                 for s in stats:
                     s.remove()
-            del weights
+            del token_weights
             costs = []
             for j, (lin, st) in enumerate(zip(linears, stats, strict=True)):
                 width_p = 1 if lin is down else width

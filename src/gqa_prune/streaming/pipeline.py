@@ -15,6 +15,7 @@ from gqa_prune.compensation import (
     DEFAULT_TARGET,
     check_compensation,
     check_selection,
+    check_sensitivity_weights,
     repair_sensitivity,
 )
 from gqa_prune.errors import GQAPruneError
@@ -46,6 +47,7 @@ def plan_memory(
     target: str = DEFAULT_TARGET,
     mode: str = "layer",
     calibration_tokens: int = 0,
+    sensitivity_weights: str = "stream",
 ) -> MemoryPlan:
     """Estimate the compute-device memory of pruning ``model`` (an upper bound).
 
@@ -74,7 +76,8 @@ def plan_memory(
         seq_len=seq_len,
         criterion=criterion,
         compensation=compensation,
-        needs_grad=criterion in _GRAD_CRITERIA and needs_unit_scores(mode, selection),
+        needs_grad=(criterion in _GRAD_CRITERIA and needs_unit_scores(mode, selection))
+        or (mode == "sensitivity" and sensitivity_weights == "gradient"),
         # sensitivity runs the repair's greedy (to the end) on every projection
         selection="repair" if mode == "sensitivity" else selection,
         target=target,
@@ -92,6 +95,7 @@ def check_streaming_memory(
     target: str = DEFAULT_TARGET,
     mode: str = "layer",
     calibration_tokens: int = 0,
+    sensitivity_weights: str = "stream",
 ) -> MemoryPlan:
     """Raise a GQAPruneError if one layer plus the resident modules exceed ``max_memory``."""
     plan = plan_memory(
@@ -105,6 +109,7 @@ def check_streaming_memory(
         target,
         mode,
         calibration_tokens,
+        sensitivity_weights,
     )
     advice = "raise --max_memory, lower --taylor_batch_size"
     if streamer.layers_in_device_memory:
@@ -138,6 +143,7 @@ def prune_model_streaming_(
     compensation_damp: float = DEFAULT_DAMP,
     selection: str = "score",
     compensation_target: str = DEFAULT_TARGET,
+    sensitivity_weights: str = "stream",
 ) -> PruneOutcome:
     """:func:`gqa_prune.prune_model_` with one decoder layer on the device at a time.
 
@@ -148,6 +154,7 @@ def prune_model_streaming_(
     before = streamer.adapter.geometry(streamer.model)
     check_compensation(compensation, compensation_damp, compensation_target)
     check_selection(selection, compensation)
+    check_sensitivity_weights(sensitivity_weights)
     seq_len = int(calibration_ids.shape[-1]) if calibration_ids is not None else 1
     check_streaming_memory(
         streamer,
@@ -158,6 +165,7 @@ def prune_model_streaming_(
         selection,
         compensation_target,
         mode,
+        sensitivity_weights=sensitivity_weights,
     )
     allocation, scores, plan = plan_pruning(
         before,
@@ -169,7 +177,7 @@ def prune_model_streaming_(
         ),
         needs_scores=needs_unit_scores(mode, selection),
         sensitivity=lambda: repair_sensitivity(
-            streamer, calibration_ids, compensation_damp, batch_size, progress
+            streamer, calibration_ids, compensation_damp, batch_size, progress, sensitivity_weights
         ),
     )
     ids = calibration_ids if compensation_ids is None else compensation_ids

@@ -69,6 +69,7 @@ def load_for_run(config: Any) -> tuple[Any, Any, LayerStreamer | None]:
         selection=config.selection,
         target=config.compensation_target,
         mode=config.pruning_mode,
+        sensitivity_weights=config.sensitivity_weights,
         calibration_tokens=config.compensation_samples * config.taylor_seq_len,
     )
     if config.offload_dir is not None:
