@@ -259,8 +259,9 @@ def _full_model_gradient_weights(model, batches):
 
     layers = get_adapter(model).decoder_layers(model)
     out: list[list[torch.Tensor]] = [[] for _ in layers]
+    kept: list[torch.Tensor] = []
     for ids in batches:
-        kept: list[torch.Tensor] = []
+        kept.clear()
         hooks = [
             layer.register_forward_hook(lambda m, a, o: kept.append(hidden_of(o)))
             for layer in layers

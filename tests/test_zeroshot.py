@@ -172,6 +172,7 @@ def test_bad_zeroshot_flags_through_the_cli(tiny_run, capsys, monkeypatch, extra
 from pathlib import Path  # noqa: E402
 
 from gqa_prune.evaluation.tasks import (  # noqa: E402
+    BRIER_METRIC,
     DATA_KEYS,
     SPLIT_FILES,
     STANDARD_TASKS,
@@ -375,9 +376,10 @@ def test_local_task_renders_as_the_stock_task(task, tmp_path, offline):
         for split, stem in SPLIT_FILES[task].items():
             ours = local_task_config(task, source, split)
             stock = stock_config(task, source / task / f"{stem}.jsonl", stem)
-            # everything but the data source is the stock task's
-            keep = [k for k in {*ours, *stock} if k not in DATA_KEYS]
+            # everything but the data source is the stock task's; the Brier score is added
+            keep = [k for k in {*ours, *stock} if k not in (*DATA_KEYS, "metric_list")]
             assert {k: _plain(ours.get(k)) for k in keep} == {k: _plain(stock.get(k)) for k in keep}
+            assert ours["metric_list"] == [*stock["metric_list"], BRIER_METRIC]
             got, want = rendered(ours, limit), rendered(stock, limit)
             assert len(got) == (min(limit, len(ROWS[task])) if source == folder else limit)
             assert got == want
@@ -436,15 +438,17 @@ def test_data_dir_zeroshot_folder_is_used(tmp_path, offline, monkeypatch):
 
 
 def piqa_hand_scores(model, tok, rows):
-    """acc / acc_norm of lm-eval's piqa prompt, computed by hand from the logits."""
-    acc = acc_norm = 0
+    """acc / acc_norm / Brier of lm-eval's piqa prompt, computed by hand from the logits."""
+    acc = acc_norm = brier = 0
     for r in rows:
         choices = [r["sol1"], r["sol2"]]
         ll = hand_loglikelihoods(model, tok, f"Question: {r['goal']}\nAnswer:", choices)
         acc += max(range(2), key=ll.__getitem__) == r["label"]
         # the harness normalises by the choice's length in characters
         acc_norm += max(range(2), key=lambda i: ll[i] / len(choices[i])) == r["label"]
-    return acc / len(rows), acc_norm / len(rows)
+        p = torch.softmax(torch.tensor(ll, dtype=torch.float64), 0)
+        brier += sum((float(p[i]) - float(i == r["label"])) ** 2 for i in range(2))
+    return acc / len(rows), acc_norm / len(rows), brier / len(rows)
 
 
 def test_limit_takes_the_first_items_and_matches_a_hand_computation(tmp_path, offline):
@@ -468,9 +472,11 @@ def test_limit_takes_the_first_items_and_matches_a_hand_computation(tmp_path, of
     write_rows(folder / "piqa" / "validation.jsonl", rows)
     result = evaluate_zeroshot(model, tok, "piqa", limit=5, zeroshot_data_dir=folder)
     assert result.tasks["piqa"].num_samples == 5
-    acc, acc_norm = piqa_hand_scores(model, tok, rows[:5])
+    acc, acc_norm, brier = piqa_hand_scores(model, tok, rows[:5])
     assert result.tasks["piqa"].acc == pytest.approx(acc)
     assert result.tasks["piqa"].acc_norm == pytest.approx(acc_norm)
+    assert result.tasks["piqa"].brier_score == pytest.approx(brier, rel=1e-4)
+    assert result.mean_brier == result.tasks["piqa"].brier_score
     assert result.split == "test" and result.sources["piqa"].startswith("local ")
     assert result.mean_score == result.tasks["piqa"].acc_norm
 
@@ -564,3 +570,11 @@ def test_suite_from_the_data_dir_through_the_cli(tiny_run, capsys, offline):
     assert summary["zeroshot_drop"]["after"] == json.loads(json.dumps(zeroshot_drop(before, after)))
     out = capsys.readouterr().out
     assert "mean score*" in out and "first 2 items per task" in out
+
+
+def test_brier_mean_takes_items_with_different_numbers_of_choices():
+    from gqa_prune.evaluation.tasks import brier_mean
+
+    items = [(0, [1.0, 0.0]), (2, [0.2, 0.3, 0.5]), (1, [0.25, 0.25, 0.25, 0.25])]
+    expected = (0.0 + (0.04 + 0.09 + 0.25) + (3 * 0.0625 + 0.5625)) / 3
+    assert brier_mean(items) == pytest.approx(expected)

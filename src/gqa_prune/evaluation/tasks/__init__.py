@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 
 from gqa_prune.data import data_dir_setting
@@ -70,6 +71,23 @@ DATA_KEYS = (
     "fewshot_split",
 )
 FOLDER = Path(__file__).parent
+
+
+def brier_mean(items: Sequence[tuple[int, Sequence[float]]]) -> float:
+    """Mean over items of ``sum_i (p_i - [i == gold])^2``; items ``(gold, p)`` may differ in
+    their number of choices (ARC has 3 to 5), which the harness's own aggregation refuses."""
+    total = 0.0
+    for gold, probs in items:
+        p = np.asarray(probs, dtype=np.float64)
+        total += float(np.square(p).sum() - 2 * p[gold] + 1.0)
+    return total / len(items) if items else float("nan")
+
+
+BRIER_METRIC: dict[str, Any] = {
+    "metric": "brier_score",
+    "aggregation": brier_mean,
+    "higher_is_better": False,
+}
 
 
 def check_split(split: str) -> None:
@@ -190,6 +208,12 @@ def local_task_config(task: str, folder: str | Path, split: str = "test") -> dic
     path = task_file(folder, task, split)
     key = SPLIT_FILES[task][split]  # "test" or "validation": the lm-eval split name
     config = load_task_yaml(task)
+    # beside the stock metrics: the Brier score of the choice distribution, a smooth measure
+    # that still separates models whose accuracy sits at chance (see evaluation/zeroshot.py)
+    metrics = list(config.get("metric_list", []))
+    if not any(m.get("metric") == "brier_score" for m in metrics):
+        metrics.append(BRIER_METRIC)
+    config["metric_list"] = metrics
     config.update(
         dataset_path="json",
         dataset_name=None,
@@ -203,6 +227,8 @@ def local_task_config(task: str, folder: str | Path, split: str = "test") -> dic
 
 
 __all__ = [
+    "BRIER_METRIC",
+    "brier_mean",
     "DATA_KEYS",
     "SPLIT_FILES",
     "STANDARD_TASKS",
