@@ -238,8 +238,8 @@ def main() -> None:
                 if args.zeroshot_tasks:
                     print(format_zeroshot_table({"model": result}), flush=True)
                 zs = "n/a" if result.mean_score is None else f"{result.mean_score:.4f}"
-                if result.mean_brier is not None:  # lower = surer of the right answers
-                    zs += f" (Brier {result.mean_brier:.4f})"
+                if result.mean_logprob is not None:  # log-prob of the right choice
+                    zs += f" (logprob {result.mean_logprob:.3f})"
             return zs, f"{ppl:.2f}"
 
         if not args.no_dense:

@@ -172,7 +172,7 @@ def test_bad_zeroshot_flags_through_the_cli(tiny_run, capsys, monkeypatch, extra
 from pathlib import Path  # noqa: E402
 
 from gqa_prune.evaluation.tasks import (  # noqa: E402
-    BRIER_METRIC,
+    CHOICE_LOGPROB_METRIC,
     DATA_KEYS,
     SPLIT_FILES,
     STANDARD_TASKS,
@@ -376,10 +376,10 @@ def test_local_task_renders_as_the_stock_task(task, tmp_path, offline):
         for split, stem in SPLIT_FILES[task].items():
             ours = local_task_config(task, source, split)
             stock = stock_config(task, source / task / f"{stem}.jsonl", stem)
-            # everything but the data source is the stock task's; the Brier score is added
+            # everything but the data source is the stock task's; the choice log-prob is added
             keep = [k for k in {*ours, *stock} if k not in (*DATA_KEYS, "metric_list")]
             assert {k: _plain(ours.get(k)) for k in keep} == {k: _plain(stock.get(k)) for k in keep}
-            assert ours["metric_list"] == [*stock["metric_list"], BRIER_METRIC]
+            assert ours["metric_list"] == [*stock["metric_list"], CHOICE_LOGPROB_METRIC]
             got, want = rendered(ours, limit), rendered(stock, limit)
             assert len(got) == (min(limit, len(ROWS[task])) if source == folder else limit)
             assert got == want
@@ -438,17 +438,16 @@ def test_data_dir_zeroshot_folder_is_used(tmp_path, offline, monkeypatch):
 
 
 def piqa_hand_scores(model, tok, rows):
-    """acc / acc_norm / Brier of lm-eval's piqa prompt, computed by hand from the logits."""
-    acc = acc_norm = brier = 0
+    """acc / acc_norm / right-choice log-prob of lm-eval's piqa prompt, by hand."""
+    acc = acc_norm = logprob = 0
     for r in rows:
         choices = [r["sol1"], r["sol2"]]
         ll = hand_loglikelihoods(model, tok, f"Question: {r['goal']}\nAnswer:", choices)
         acc += max(range(2), key=ll.__getitem__) == r["label"]
         # the harness normalises by the choice's length in characters
         acc_norm += max(range(2), key=lambda i: ll[i] / len(choices[i])) == r["label"]
-        p = torch.softmax(torch.tensor(ll, dtype=torch.float64), 0)
-        brier += sum((float(p[i]) - float(i == r["label"])) ** 2 for i in range(2))
-    return acc / len(rows), acc_norm / len(rows), brier / len(rows)
+        logprob += float(torch.log_softmax(torch.tensor(ll, dtype=torch.float64), 0)[r["label"]])
+    return acc / len(rows), acc_norm / len(rows), logprob / len(rows)
 
 
 def test_limit_takes_the_first_items_and_matches_a_hand_computation(tmp_path, offline):
@@ -472,11 +471,11 @@ def test_limit_takes_the_first_items_and_matches_a_hand_computation(tmp_path, of
     write_rows(folder / "piqa" / "validation.jsonl", rows)
     result = evaluate_zeroshot(model, tok, "piqa", limit=5, zeroshot_data_dir=folder)
     assert result.tasks["piqa"].num_samples == 5
-    acc, acc_norm, brier = piqa_hand_scores(model, tok, rows[:5])
+    acc, acc_norm, logprob = piqa_hand_scores(model, tok, rows[:5])
     assert result.tasks["piqa"].acc == pytest.approx(acc)
     assert result.tasks["piqa"].acc_norm == pytest.approx(acc_norm)
-    assert result.tasks["piqa"].brier_score == pytest.approx(brier, rel=1e-4)
-    assert result.mean_brier == result.tasks["piqa"].brier_score
+    assert result.tasks["piqa"].logprob == pytest.approx(logprob, rel=1e-4)
+    assert result.mean_logprob == result.tasks["piqa"].logprob
     assert result.split == "test" and result.sources["piqa"].startswith("local ")
     assert result.mean_score == result.tasks["piqa"].acc_norm
 
@@ -572,9 +571,12 @@ def test_suite_from_the_data_dir_through_the_cli(tiny_run, capsys, offline):
     assert "mean score*" in out and "first 2 items per task" in out
 
 
-def test_brier_mean_takes_items_with_different_numbers_of_choices():
-    from gqa_prune.evaluation.tasks import brier_mean
+def test_choice_logprob_takes_items_with_different_numbers_of_choices():
+    import math
 
-    items = [(0, [1.0, 0.0]), (2, [0.2, 0.3, 0.5]), (1, [0.25, 0.25, 0.25, 0.25])]
-    expected = (0.0 + (0.04 + 0.09 + 0.25) + (3 * 0.0625 + 0.5625)) / 3
-    assert brier_mean(items) == pytest.approx(expected)
+    from gqa_prune.evaluation.tasks import choice_logprob
+
+    items = [(0, [-1.0, -1.0]), (2, [-900.0, -901.0, -899.0]), (1, [-3.0] * 4)]
+    third = -899 - math.log(math.exp(-1) + math.exp(-2) + 1) + 899
+    expected = (math.log(0.5) + third + math.log(0.25)) / 3
+    assert choice_logprob(items) == pytest.approx(expected)  # stable at large |ll|

@@ -9,12 +9,13 @@ For a multiple-choice item with context ``c`` and choices ``x_1..x_k`` the harne
 
     acc      = mean over items of [argmax_i ll_i == gold]
     acc_norm = mean over items of [argmax_i ll_i / len(x_i in characters) == gold]
-    brier    = mean over items of sum_i (p_i - [i == gold])^2,  p = softmax_i(ll_i)
+    logprob  = mean over items of log softmax_i(ll_i)[gold]
 
-The local tasks also report the Brier score (lower is better; 0 = certain and right). It
-moves with the probability the model gives the right answer even where accuracy sits at
-chance (a small pruned model on ARC-Challenge), so it separates settings on the validation
-files with fewer items than accuracy; an argmax flips only near ties.
+The local tasks also report ``logprob``, the log-probability the model gives the right choice
+among the choices (higher is better; 0 = certain and right; log(1/k) = a uniform guess between
+k). Accuracy moves only when an argmax flips, so it shows nothing where a small pruned model
+sits at chance (ARC-Challenge); ``logprob`` still moves with every item, which makes it the
+finer measure for choosing settings on the small validation files.
 
 Data: the standard pruning suite (``piqa``, ``arc_easy``, ``arc_challenge``, ``boolq``,
 ``winogrande``, ``openbookqa``; the group name ``zeroshot6`` stands for all six) runs from
@@ -63,7 +64,7 @@ class TaskScore:
     acc_stderr: float | None
     acc_norm_stderr: float | None
     num_samples: int | None
-    brier_score: float | None = None
+    logprob: float | None = None
 
     @property
     def score(self) -> float | None:
@@ -103,21 +104,21 @@ class ZeroShotResult:
         return _mean([self.tasks[n].score for n in self.requested if n in self.tasks])
 
     @property
-    def mean_brier(self) -> float | None:
-        """Mean Brier score over the requested tasks that report it (lower is better)."""
-        return _mean([self.tasks[n].brier_score for n in self.requested if n in self.tasks])
+    def mean_logprob(self) -> float | None:
+        """Mean right-choice log-probability over the requested tasks that report it."""
+        return _mean([self.tasks[n].logprob for n in self.requested if n in self.tasks])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["requested"] = list(self.requested)
         d["mean_score"] = self.mean_score
-        d["mean_brier"] = self.mean_brier
+        d["mean_logprob"] = self.mean_logprob
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ZeroShotResult:
         tasks = {k: TaskScore(**v) for k, v in d["tasks"].items()}
-        derived = ("tasks", "requested", "mean_score", "mean_brier")
+        derived = ("tasks", "requested", "mean_score", "mean_logprob")
         rest = {k: v for k, v in d.items() if k not in derived}
         return cls(tasks=tasks, requested=tuple(d.get("requested", ())), **rest)
 
@@ -137,7 +138,7 @@ def _task_score(metrics: dict[str, Any], num_samples: int | None) -> TaskScore:
         acc_stderr=get("acc_stderr"),
         acc_norm_stderr=get("acc_norm_stderr"),
         num_samples=num_samples,
-        brier_score=get("brier_score"),
+        logprob=get("likelihood"),
     )
 
 

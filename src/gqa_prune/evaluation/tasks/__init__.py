@@ -73,20 +73,22 @@ DATA_KEYS = (
 FOLDER = Path(__file__).parent
 
 
-def brier_mean(items: Sequence[tuple[int, Sequence[float]]]) -> float:
-    """Mean over items of ``sum_i (p_i - [i == gold])^2``; items ``(gold, p)`` may differ in
-    their number of choices (ARC has 3 to 5), which the harness's own aggregation refuses."""
+def choice_logprob(items: Sequence[tuple[int, Sequence[float]]]) -> float:
+    """Mean over items of ``log softmax_i(ll_i)[gold]``, from the harness's ``likelihood``
+    pass-through ``(gold, [ll_1..ll_k])``; items may differ in their number of choices."""
     total = 0.0
-    for gold, probs in items:
-        p = np.asarray(probs, dtype=np.float64)
-        total += float(np.square(p).sum() - 2 * p[gold] + 1.0)
+    for gold, lls in items:
+        ll = np.asarray(lls, dtype=np.float64)
+        top = ll.max()
+        total += float(ll[gold] - top - np.log(np.exp(ll - top).sum()))
     return total / len(items) if items else float("nan")
 
 
-BRIER_METRIC: dict[str, Any] = {
-    "metric": "brier_score",
-    "aggregation": brier_mean,
-    "higher_is_better": False,
+# the harness's "likelihood" metric hands (gold, log-likelihoods) per item to the aggregation
+CHOICE_LOGPROB_METRIC: dict[str, Any] = {
+    "metric": "likelihood",
+    "aggregation": choice_logprob,
+    "higher_is_better": True,
 }
 
 
@@ -208,11 +210,11 @@ def local_task_config(task: str, folder: str | Path, split: str = "test") -> dic
     path = task_file(folder, task, split)
     key = SPLIT_FILES[task][split]  # "test" or "validation": the lm-eval split name
     config = load_task_yaml(task)
-    # beside the stock metrics: the Brier score of the choice distribution, a smooth measure
+    # beside the stock metrics: the log-probability of the right choice, a smooth measure
     # that still separates models whose accuracy sits at chance (see evaluation/zeroshot.py)
     metrics = list(config.get("metric_list", []))
-    if not any(m.get("metric") == "brier_score" for m in metrics):
-        metrics.append(BRIER_METRIC)
+    if not any(m.get("metric") == "likelihood" for m in metrics):
+        metrics.append(CHOICE_LOGPROB_METRIC)
     config["metric_list"] = metrics
     config.update(
         dataset_path="json",
@@ -227,8 +229,8 @@ def local_task_config(task: str, folder: str | Path, split: str = "test") -> dic
 
 
 __all__ = [
-    "BRIER_METRIC",
-    "brier_mean",
+    "CHOICE_LOGPROB_METRIC",
+    "choice_logprob",
     "DATA_KEYS",
     "SPLIT_FILES",
     "STANDARD_TASKS",
