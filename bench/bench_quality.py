@@ -63,6 +63,7 @@ METHODS: dict[str, dict[str, Any]] = {
     # the defaults before issue 15: removal layer importance, Taylor scores, local targets
     "v0": dict(
         layer_importance_method="removal",
+        layer_importance_samples=8,
         selection="score",
         compensation_target="local",
         compensation_samples=64,
