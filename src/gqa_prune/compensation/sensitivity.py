@@ -148,7 +148,7 @@ def output_gradient_weights(
     del states, logits
     weights: list[list[torch.Tensor]] = [[] for _ in range(n)]
     for i in tqdm(reversed(range(n)), total=n, desc="gradient weights", disable=not progress):
-        weights[i] = [_square_norms(g).to(walk.host) for g in grads]
+        weights[i] = [_square_norms(g) for g in grads]  # grads rest on the host
         if i == 0:
             break
         with walk.layer(i) as layer:
