@@ -35,10 +35,12 @@ the loss by ``~ g_t . d_t``; for an error direction unrelated to ``g_t``,
 
 make ``E(k)`` in (5) the predicted loss increase (the empirical-Fisher approximation), counted
 through every layer above. ``g`` comes from one forward and one layer-wise backward over the
-calibration set (:func:`output_gradient_weights`: the layers' inputs are kept on the host and
-each layer runs again with grad, as the streaming Taylor scores do, so in memory and streamed
-it is the same code): one forward more than a model backward, host memory for the inputs of
-every layer, ``num_layers x N x L x H`` (Llama-3-8B, 32 x 128 tokens, bf16: 1 GiB).
+calibration set (:func:`output_gradient_weights` over
+:func:`gqa_prune.analysis.layer_backward.layerwise_backward`, the same routine as the streamed
+Taylor scores: the layers' inputs are kept on the host and each layer runs again with grad, so
+in memory and streamed it is the same code): one forward more than a model backward, host
+memory for the inputs of every layer, ``num_layers x N x L x H`` (Llama-3-8B, 32 x 128
+tokens, bf16: 1 GiB).
 
 :func:`gqa_prune.allocation.allocate_global` then removes the cheapest units per parameter
 across all layers until the target is met (within its +-0.5 %): the allocation with the
@@ -65,6 +67,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gqa_prune.analysis.decoder_stack import LayerCall, OutputHead
+from gqa_prune.analysis.layer_backward import layerwise_backward
 from gqa_prune.compensation.selection import greedy_removal
 from gqa_prune.compensation.sequential import LayerWalk, check_calibration_ids
 from gqa_prune.compensation.stats import InputStats
@@ -119,54 +122,28 @@ def output_gradient_weights(
     Raises:
         GQAPruneError: the calibration loss is not finite.
     """
-    states, calls = walk.capture(list(batches))
-    n = walk.num_layers
-    inputs: list[list[torch.Tensor]] = []
-    with torch.no_grad():
-        for i in tqdm(range(n), desc="gradient weights (forward)", disable=not progress):
-            inputs.append(list(states))
-            with walk.layer(i) as layer:
-                for b, call in enumerate(calls):
-                    states[b] = walk.run(layer, states[b], call).to(walk.host)
     head = OutputHead(walk.model)
-    grads: list[torch.Tensor] = []
-    for b, ids in enumerate(batches):
-        hidden = states[b].to(walk.device).requires_grad_(True)
-        with torch.enable_grad():
-            logits = head(hidden[:, :-1]).float()
-            targets = ids[:, 1:].to(logits.device).reshape(-1)
-            loss = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets, reduction="sum"
-            )
-            if not torch.isfinite(loss):
-                raise GQAPruneError(
-                    f"sensitivity gradient weights: calibration loss is {loss.item()} at batch "
-                    f"{b}; use --dtype float32 or check the model weights"
-                )
-            (grad,) = torch.autograd.grad(loss, hidden)
-        grads.append(grad.to(walk.host))
-    del states, logits
-    weights: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    for i in tqdm(reversed(range(n)), total=n, desc="gradient weights", disable=not progress):
+
+    def summed_nll(hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden[:, :-1]).float()
+        targets = ids[:, 1:].to(logits.device).reshape(-1)
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets, reduction="sum"
+        )
+
+    weights: list[list[torch.Tensor]] = [[] for _ in range(walk.num_layers)]
+
+    def keep(i: int, grads: list[torch.Tensor]) -> None:
         weights[i] = [_square_norms(g) for g in grads]  # grads rest on the host
-        if i == 0:
-            break
-        with walk.layer(i) as layer:
-            params = list(layer.parameters())
-            flags = [p.requires_grad for p in params]
-            for p in params:
-                p.requires_grad_(False)
-            try:
-                for b, call in enumerate(calls):
-                    x = inputs[i][b].to(walk.device).requires_grad_(True)
-                    with torch.enable_grad():
-                        y = walk.run(layer, x, call)
-                        (gx,) = torch.autograd.grad(y, x, grad_outputs=grads[b].to(y.device))
-                    grads[b] = gx.to(walk.host)
-            finally:
-                for p, flag in zip(params, flags, strict=True):
-                    p.requires_grad_(flag)
-        inputs[i] = []
+
+    layerwise_backward(
+        walk,
+        batches,
+        summed_nll,
+        at_output=keep,
+        what="sensitivity gradient weights",
+        progress=progress,
+    )
     return weights
 
 

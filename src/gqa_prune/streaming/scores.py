@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gqa_prune.analysis.layer_backward import layerwise_backward
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.importance.base import (
     Aggregation,
@@ -144,70 +145,38 @@ def _taylor(
 ) -> UnitScores:
     name = "taylor2" if second_order else "taylor"
     element = taylor_second_order if second_order else taylor_first_order
-    batches = list(input_ids.split(batch_size))
-    states, calls = streamer.capture(batches)
     n = streamer.num_layers
-    inputs: list[list[torch.Tensor]] = []
-    # forward: keep every layer's input (host)
-    with torch.no_grad():
-        for i in tqdm(range(n), desc=f"{name} forward", disable=not progress):
-            inputs.append(list(states))
-            with streamer.layer(i) as layer:
-                for b, call in enumerate(calls):
-                    states[b] = streamer.run(layer, states[b], call).to(streamer.host)
-    # head: d loss_b / d (last hidden states), the loss exactly as model(ids, labels=ids)
-    grads: list[torch.Tensor] = []
-    for b, ids in enumerate(batches):
-        hidden = states[b].to(streamer.device).requires_grad_(True)
-        with torch.enable_grad():
-            loss = streamer.loss(hidden, ids)
-            if not torch.isfinite(loss):
-                raise GQAPruneError(
-                    f"{name} importance: calibration loss is {loss.item()} at batch {b}; use "
-                    "--dtype float32 or check the model weights"
-                )
-            (grad,) = torch.autograd.grad(loss, hidden)
-        grads.append(grad.to(streamer.host))
-    del states
     groups: list[torch.Tensor] = [torch.zeros(0)] * n
     channels: list[torch.Tensor] = [torch.zeros(0)] * n
-    # backward: one layer at a time, from the top
-    for i in tqdm(reversed(range(n)), total=n, desc=f"{name} backward", disable=not progress):
-        with streamer.layer(i) as layer:
-            params = [
-                p
-                for proj in streamer.adapter.prunable_projections(layer)
-                for p in proj.parameters()
-            ]
-            flags = [p.requires_grad for p in params]
-            for p in params:
-                p.requires_grad_(True)
-            try:
-                total: tuple[torch.Tensor, torch.Tensor] | None = None
-                for b, call in enumerate(calls):
-                    x = inputs[i][b].to(streamer.device)
-                    if i > 0:
-                        x.requires_grad_(True)
-                    with torch.enable_grad():
-                        y = streamer.run(layer, x, call)
-                        wrt = [*params, x] if i > 0 else params
-                        got = torch.autograd.grad(y, wrt, grad_outputs=grads[b].to(y.device))
-                    by_param = {id(p): g for p, g in zip(params, got, strict=False)}
-                    score_fn = _with_grads(element, by_param)
-                    g_scores, c_scores = _layer_scores(streamer, layer, score_fn, aggregation)
-                    if total is None:
-                        total = (g_scores, c_scores)
-                    else:
-                        total[0].add_(g_scores)
-                        total[1].add_(c_scores)
-                    grads[b] = got[-1].to(streamer.host) if i > 0 else grads[b]
-                    del got, by_param, y
-            finally:
-                for p, flag in zip(params, flags, strict=True):
-                    p.requires_grad_(flag)
-        assert total is not None  # at least one batch
-        groups[i], channels[i] = total
-        inputs[i] = []
+    started: set[int] = set()
+
+    def projection_params(layer: nn.Module) -> list[nn.Parameter]:
+        return [
+            p for proj in streamer.adapter.prunable_projections(layer) for p in proj.parameters()
+        ]
+
+    def add_scores(i: int, layer: nn.Module, grads: list[torch.Tensor]) -> None:
+        by_param = {id(p): g for p, g in zip(projection_params(layer), grads, strict=True)}
+        g_scores, c_scores = _layer_scores(
+            streamer, layer, _with_grads(element, by_param), aggregation
+        )
+        if i not in started:
+            started.add(i)
+            groups[i], channels[i] = g_scores, c_scores
+        else:
+            groups[i].add_(g_scores)
+            channels[i].add_(c_scores)
+
+    # the loss exactly as model(ids, labels=ids), backpropagated one layer at a time
+    layerwise_backward(
+        streamer,
+        list(input_ids.split(batch_size)),
+        streamer.loss,
+        params=projection_params,
+        at_params=add_scores,
+        what=f"{name} importance",
+        progress=progress,
+    )
     return UnitScores(groups=groups, channels=channels)
 
 
