@@ -168,9 +168,11 @@ def test_search_command_bad_input(tiny_run, capsys, extra, words):
     assert not (tiny_run["logs"] / "s").exists()
 
 
-def test_rank_by_zeroshot_uses_only_validation_files(tmp_path, monkeypatch):
-    """Each candidate's score equals evaluating that split's pruned model directly on the
-    validation files; the best is the highest; the test files are never read."""
+@pytest.mark.parametrize("rank_by", ["zeroshot", "logprob"])
+def test_rank_by_zeroshot_uses_only_validation_files(tmp_path, monkeypatch, rank_by):
+    """Each candidate's score (accuracy and right-choice log-probability) equals evaluating
+    that split's pruned model directly on the validation files; the best is the highest by
+    the chosen measure; the test files are never read."""
     from test_zeroshot import write_suite
 
     from gqa_prune.evaluation.zeroshot import evaluate_zeroshot
@@ -193,17 +195,17 @@ def test_rank_by_zeroshot_uses_only_validation_files(tmp_path, monkeypatch):
         eval_max_windows=2,
         compensation="none",
         seed=3,
-        rank_by="zeroshot",
+        rank_by=rank_by,
         zeroshot_data_dir=str(folder),
     )
     result = search_distributions(model, tok, TEXT, config, progress=False)
-    assert result.rank_by == "zeroshot"
+    assert result.rank_by == rank_by
     assert result.zeroshot_validation["split"] == "validation"
     assert result.zeroshot_validation["tasks"] == ["arc_easy", "arc_challenge", "openbookqa"]
     assert all(f.endswith("validation.jsonl") for f in result.zeroshot_validation["files"].values())
     calib_tokens, _ = split_validation(tokenize_text(tok, TEXT), 0.2)
     calibration = sample_calibration(calib_tokens, 2, 32, seed=3)
-    direct = []
+    direct, logprobs = [], []
     for dist in splits:
         copy_ = copy.deepcopy(model)
         prune_model_(
@@ -215,30 +217,35 @@ def test_rank_by_zeroshot_uses_only_validation_files(tmp_path, monkeypatch):
             batch_size=2,
             seed=3,
             progress=False,
+            compensation="none",  # as the search was told
         )
         zs = evaluate_zeroshot(
             copy_, tok, "zeroshot6", split="validation", zeroshot_data_dir=folder
         )
         direct.append(zs.mean_score)
+        logprobs.append(zs.mean_logprob)
     assert [c.zeroshot for c in result.candidates] == pytest.approx(direct)
-    assert result.dense_zeroshot == pytest.approx(
-        evaluate_zeroshot(
-            model, tok, "zeroshot6", split="validation", zeroshot_data_dir=folder
-        ).mean_score
-    )
-    best = max(range(len(direct)), key=lambda i: (direct[i], -result.candidates[i].ppl))
+    assert [c.zeroshot_logprob for c in result.candidates] == pytest.approx(logprobs)
+    assert all(lp is not None and lp < 0 for lp in logprobs)
+    dense = evaluate_zeroshot(model, tok, "zeroshot6", split="validation", zeroshot_data_dir=folder)
+    assert result.dense_zeroshot == pytest.approx(dense.mean_score)
+    assert result.dense_zeroshot_logprob == pytest.approx(dense.mean_logprob)
+    measure = direct if rank_by == "zeroshot" else logprobs
+    best = max(range(len(measure)), key=lambda i: (measure[i], -result.candidates[i].ppl))
     assert result.best == best
     table = format_search_table(result)
-    assert "val zero-shot" in table and "VALIDATION split" in table
+    assert "val zero-shot" in table and "val logprob" in table and "VALIDATION split" in table
+    assert ("log-probability of the right choice" in table) == (rank_by == "logprob")
 
 
-def test_search_command_rank_by_zeroshot_missing_file(tiny_run, capsys, tmp_path):
+@pytest.mark.parametrize("rank_by", ["zeroshot", "logprob"])
+def test_search_command_rank_by_zeroshot_missing_file(tiny_run, capsys, tmp_path, rank_by):
     from test_zeroshot import write_suite
 
     folder = write_suite(tmp_path / "zs", splits=("test",))  # no validation files
     rc = main(
         search_args(
-            tiny_run, "--distributions", "0:10,4:6", "--rank_by", "zeroshot",
+            tiny_run, "--distributions", "0:10,4:6", "--rank_by", rank_by,
             "--zeroshot_data_dir", str(folder),
         )
     )  # fmt: skip

@@ -24,6 +24,9 @@ are drawn only from the tokens before it, so the two never overlap.
 task has none) on the **validation** files of the standard suite (ARC-Easy, ARC-Challenge,
 OpenBookQA ``validation.jsonl``; see :mod:`gqa_prune.evaluation.tasks`), never on the items
 that are reported. It costs one zero-shot evaluation per candidate (plus the dense one).
+``rank_by="logprob"`` runs the same evaluation and ranks by the mean log-probability of the
+right choice (``log softmax_i(ll_i)[gold]``, see :mod:`gqa_prune.evaluation.tasks`), which
+moves with every item where accuracy near chance does not.
 """
 
 from __future__ import annotations
@@ -62,8 +65,10 @@ from gqa_prune.slicing import apply_plan_
 log = logging.getLogger(__name__)
 
 Distribution = tuple[float, float]
-RankBy = Literal["ppl", "zeroshot"]
-RANK_BY: tuple[str, ...] = ("ppl", "zeroshot")
+RankBy = Literal["ppl", "zeroshot", "logprob"]
+RANK_BY: tuple[str, ...] = ("ppl", "zeroshot", "logprob")
+# rankings that evaluate the zero-shot validation tasks
+ZEROSHOT_RANKINGS: tuple[str, ...] = ("zeroshot", "logprob")
 
 
 def parse_distributions(text: str) -> tuple[Distribution, ...]:
@@ -151,8 +156,9 @@ class SearchConfig:
         selection: ``score`` or ``repair`` (which units go; see ``gqa_prune.compensation``).
         compensation_target: ``local`` or ``dense`` (what the ``lstsq`` refit reproduces).
         seed: seed of the calibration sampling (and of the ``random`` criterion).
-        rank_by: ``ppl`` (validation perplexity, lower is better) or ``zeroshot``
-            (validation zero-shot accuracy, higher is better; ties -> lower perplexity).
+        rank_by: ``ppl`` (validation perplexity, lower is better), ``zeroshot``
+            (validation zero-shot accuracy, higher is better; ties -> lower perplexity) or
+            ``logprob`` (the same tasks' mean right-choice log-probability, higher is better).
         zeroshot_tasks: tasks of the zero-shot ranking (``zeroshot6`` = those of the suite
             with validation files), always on their validation split.
         zeroshot_limit: the first N validation items per task (None = all).
@@ -196,7 +202,9 @@ class SearchConfig:
         check_compensation(self.compensation, self.compensation_damp, self.compensation_target)
         check_selection(self.selection, self.compensation)
         if self.rank_by not in RANK_BY:
-            raise GQAPruneError(f"unknown --rank_by '{self.rank_by}'; choose ppl or zeroshot")
+            raise GQAPruneError(
+                f"unknown --rank_by '{self.rank_by}'; choose one of {', '.join(RANK_BY)}"
+            )
         if self.zeroshot_limit is not None and self.zeroshot_limit <= 0:
             raise GQAPruneError(f"--zeroshot_limit must be positive, got {self.zeroshot_limit}")
         if self.mode not in ("layer", "global"):
@@ -212,8 +220,9 @@ class SearchConfig:
 class Candidate:
     """One split and what it gave; ``error`` is set (and ``ppl`` None) when infeasible.
 
-    ``zeroshot`` (mean validation score) and ``zeroshot_tasks`` (per task) are set with
-    ``rank_by="zeroshot"``.
+    ``zeroshot`` (mean validation score), ``zeroshot_logprob`` (mean right-choice
+    log-probability) and ``zeroshot_tasks`` (per task) are set with ``rank_by="zeroshot"``
+    or ``"logprob"``.
     """
 
     distribution: Distribution
@@ -226,6 +235,7 @@ class Candidate:
     error: str | None = None
     zeroshot: float | None = None
     zeroshot_tasks: dict[str, float | None] = field(default_factory=dict)
+    zeroshot_logprob: float | None = None
 
     @property
     def label(self) -> str:
@@ -240,14 +250,16 @@ class SearchResult:
     Attributes:
         candidates: in the order given.
         best: index into ``candidates``: lowest validation perplexity, or with
-            ``rank_by="zeroshot"`` highest validation zero-shot score.
+            ``rank_by="zeroshot"`` highest validation zero-shot score, with ``"logprob"``
+            highest right-choice log-probability.
         dense_ppl: perplexity of the unpruned model on the same validation tokens.
         pruning_ratio: the target fraction of all parameters removed.
         validation: where the validation tokens come from (dataset, token range, windows).
         layer_importance: per-layer scores used by every candidate.
         layer_importance_method: how they were measured.
-        rank_by: ``ppl`` or ``zeroshot``.
-        dense_zeroshot: the unpruned model's validation zero-shot score (rank_by zeroshot).
+        rank_by: ``ppl``, ``zeroshot`` or ``logprob``.
+        dense_zeroshot: the unpruned model's validation zero-shot score (zero-shot rankings).
+        dense_zeroshot_logprob: its mean right-choice log-probability (zero-shot rankings).
         zeroshot_validation: the zero-shot ranking's split, tasks, files and limit.
     """
 
@@ -261,6 +273,7 @@ class SearchResult:
     rank_by: str = "ppl"
     dense_zeroshot: float | None = None
     zeroshot_validation: dict[str, Any] | None = None
+    dense_zeroshot_logprob: float | None = None
 
     @property
     def best_candidate(self) -> Candidate:
@@ -390,6 +403,7 @@ def _candidate(
         params_after=after.total_params,
         zeroshot=None if zs is None else zs.mean_score,
         zeroshot_tasks={} if zs is None else {n: zs.tasks[n].score for n in zs.requested},
+        zeroshot_logprob=None if zs is None else zs.mean_logprob,
     )
 
 
@@ -416,7 +430,8 @@ def search_distributions(
 
     Returns:
         The candidates with their perplexities (and validation zero-shot scores); ``best``
-        = lowest perplexity, or highest zero-shot score with ``rank_by="zeroshot"``.
+        = lowest perplexity, or highest zero-shot score with ``rank_by="zeroshot"``, or
+        highest right-choice log-probability with ``"logprob"``.
 
     Raises:
         GQAPruneError: bad settings, too little text, no candidate is feasible, or (rank
@@ -426,7 +441,7 @@ def search_distributions(
     bos = bos_prefix(tokenizer)  # windows start with BOS where the tokenizer adds one
     _refuse_if_none_feasible(config, get_adapter(model).geometry(model))
     zeroshot: Callable[[nn.Module], ZeroShotResult] | None = None
-    if config.rank_by == "zeroshot":  # files and names checked before the costly part
+    if config.rank_by in ZEROSHOT_RANKINGS:  # files and names checked before the costly part
         selection = prepare_tasks(
             config.zeroshot_tasks, split="validation", zeroshot_data_dir=config.zeroshot_data_dir
         )
@@ -456,6 +471,10 @@ def search_distributions(
     best = min(finite, key=finite.__getitem__)
     if config.rank_by == "zeroshot":  # highest score; equal scores -> lower perplexity
         best = max(finite, key=lambda i: (candidates[i].zeroshot or 0.0, -finite[i]))
+    elif config.rank_by == "logprob":  # highest; a task set without one ranks by perplexity
+        best = max(
+            finite, key=lambda i: (_or_minus_inf(candidates[i].zeroshot_logprob), -finite[i])
+        )
     return SearchResult(
         candidates=candidates,
         best=best,
@@ -473,6 +492,7 @@ def search_distributions(
         layer_importance_method=shared.importance_method,
         rank_by=config.rank_by,
         dense_zeroshot=None if dense_zs is None else dense_zs.mean_score,
+        dense_zeroshot_logprob=None if dense_zs is None else dense_zs.mean_logprob,
         zeroshot_validation=None
         if dense_zs is None
         else {
@@ -483,6 +503,10 @@ def search_distributions(
             "score": "mean of acc_norm (acc where a task has none)",
         },
     )
+
+
+def _or_minus_inf(value: float | None) -> float:
+    return -math.inf if value is None else value
 
 
 __all__ = [

@@ -29,6 +29,8 @@ from gqa_prune.errors import GQAPruneError
 
 SEARCH_JSON = "search.json"
 SEARCH_PLOT = "search_distributions.png"
+# the plot title's words for each --rank_by
+_RANKED = {"ppl": "perplexity", "zeroshot": "zero-shot", "logprob": "right-choice log-probability"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,9 +117,11 @@ def build_search_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--rank_by",
         default="ppl",
-        choices=["ppl", "zeroshot"],
+        choices=["ppl", "zeroshot", "logprob"],
         help="ppl: validation perplexity; zeroshot: mean acc_norm (acc where a task has none) "
-        "on the zero-shot tasks' validation files (needs pip install 'gqa-prune[eval]')",
+        "on the zero-shot tasks' validation files; logprob: the same tasks' mean "
+        "log-probability of the right choice, finer where accuracy sits near chance (both "
+        "need pip install 'gqa-prune[eval]')",
     )
     g.add_argument(
         "--zeroshot_tasks",
@@ -156,7 +160,7 @@ def search_main(argv: Sequence[str]) -> int:
     ranking = {k: args.pop(k) for k in ("rank_by", "zeroshot_tasks", "zeroshot_limit")}
     zeroshot_dir = args.pop("zeroshot_data_dir")
     run = RunConfig(**args, prune_mlp=True)  # validates the shared flags
-    if ranking["rank_by"] == "zeroshot":
+    if ranking["rank_by"] in ("zeroshot", "logprob"):
         folder = zeroshot_folder(zeroshot_dir, run.data_dir)
         zeroshot_dir = None if folder is None else str(folder)
     config = SearchConfig(
@@ -208,7 +212,7 @@ def search_main(argv: Sequence[str]) -> int:
         exp.path(SEARCH_PLOT),
         result,
         title=f"{run.base_model}: split search at {100 * run.pruning_ratio:.0f}% pruning "
-        f"(ranked by validation {'zero-shot' if result.rank_by == 'zeroshot' else 'perplexity'})",
+        f"(ranked by validation {_RANKED[result.rank_by]})",
     )
     print(format_search_table(result))
     print(f"wrote {exp.path(SEARCH_JSON)} and {exp.path(SEARCH_PLOT)}")

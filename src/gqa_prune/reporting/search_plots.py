@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from gqa_prune.reporting.plots import _save_atomic, plt
-from gqa_prune.search import SearchResult
+from gqa_prune.search import ZEROSHOT_RANKINGS, SearchResult
 
 
 def _ranking_line(result: SearchResult) -> str:
@@ -17,26 +17,33 @@ def _ranking_line(result: SearchResult) -> str:
         f"{v['dataset'] or 'the calibration text'})"
     )
     zs = result.zeroshot_validation
-    if result.rank_by != "zeroshot" or zs is None:
+    if result.rank_by not in ZEROSHOT_RANKINGS or zs is None:
         return f"{ppl}; ranked by validation perplexity; best split {result.best_candidate.label}"
     limit = "all items" if zs["limit"] is None else f"first {zs['limit']} items each"
     dense = "n/a" if result.dense_zeroshot is None else f"{result.dense_zeroshot:.4f}"
+    lp = result.dense_zeroshot_logprob
+    dense += "" if lp is None else f", right-choice log-probability {lp:.3f}"
+    what = (
+        f"accuracy ({zs['score']})"
+        if result.rank_by == "zeroshot"
+        else "the mean log-probability of the right choice"
+    )
     return (
-        f"{ppl}; dense validation zero-shot {dense}\nranked by zero-shot accuracy on the "
-        f"VALIDATION split of {','.join(zs['tasks'])} ({limit}; {zs['score']}), never test "
-        f"items; best split {result.best_candidate.label}"
+        f"{ppl}; dense validation zero-shot {dense}\nranked by zero-shot {what} on the "
+        f"VALIDATION split of {','.join(zs['tasks'])} ({limit}), never test items; best "
+        f"split {result.best_candidate.label}"
     )
 
 
 def format_search_table(result: SearchResult) -> str:
     """Text table of the candidates; the best is marked with ``*``."""
-    zs = result.rank_by == "zeroshot"
+    zs = result.rank_by in ZEROSHOT_RANKINGS
     header = ["split a:m", "attention share", "removed", "attn removed", "MLP removed", "val ppl"]
-    rows = [header + (["val zero-shot"] if zs else []) + [""]]
+    rows = [header + (["val zero-shot", "val logprob"] if zs else []) + [""]]
     for i, c in enumerate(result.candidates):
         if c.ppl is None:
             cells = [c.label, f"{c.attention_share:.2f}", "-", "-", "-", "infeasible"]
-            rows.append(cells + (["-"] if zs else []) + [""])
+            rows.append(cells + (["-", "-"] if zs else []) + [""])
             continue
         cells = [
             c.label,
@@ -48,6 +55,8 @@ def format_search_table(result: SearchResult) -> str:
         ]
         if zs:
             cells.append("n/a" if c.zeroshot is None else f"{c.zeroshot:.4f}")
+            lp = c.zeroshot_logprob
+            cells.append("n/a" if lp is None else f"{lp:.3f}")
         rows.append(cells + ["*" if i == result.best else ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -59,8 +68,15 @@ def plot_search(path: str | Path, result: SearchResult, title: str = "") -> Path
     """The ranking metric (validation perplexity or zero-shot score) against the attention
     share of the removed parameters."""
     path = Path(path)
-    zs = result.rank_by == "zeroshot"
-    value = (lambda c: c.zeroshot) if zs else (lambda c: c.ppl)
+    zs = result.rank_by in ZEROSHOT_RANKINGS
+    by_logprob = result.rank_by == "logprob"
+    value = (
+        (lambda c: c.zeroshot_logprob)
+        if by_logprob
+        else (lambda c: c.zeroshot)
+        if zs
+        else (lambda c: c.ppl)
+    )
     points = [
         (c.attention_share, value(c), c.label) for c in result.candidates if value(c) is not None
     ]
@@ -74,12 +90,22 @@ def plot_search(path: str | Path, result: SearchResult, title: str = "") -> Path
     ax.plot(
         [best.attention_share], [value(best) or math.nan], "r*", ms=14, label=f"best {best.label}"
     )
-    dense = result.dense_zeroshot if zs else result.dense_ppl
+    dense = (
+        result.dense_zeroshot_logprob
+        if by_logprob
+        else result.dense_zeroshot
+        if zs
+        else result.dense_ppl
+    )
     if dense is not None:
         ax.axhline(dense, color="tab:gray", ls="--", lw=0.8, label="dense")
     ax.set_xlabel("attention share of the removed parameters  a / (a + m)")
     ax.set_ylabel(
-        "validation zero-shot score (acc_norm, else acc)" if zs else "validation perplexity"
+        "validation right-choice log-probability"
+        if by_logprob
+        else "validation zero-shot score (acc_norm, else acc)"
+        if zs
+        else "validation perplexity"
     )
     ax.set_title(title or f"split search at {100 * result.pruning_ratio:.0f}% pruning")
     ax.grid(alpha=0.3)
