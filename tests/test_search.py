@@ -251,3 +251,35 @@ def test_search_command_rank_by_zeroshot_missing_file(tiny_run, capsys, tmp_path
     )  # fmt: skip
     assert_one_error_line(capsys, rc, str(folder / "arc_easy" / "validation.jsonl"))
     assert not (tiny_run["logs"] / "s").exists()
+
+
+@pytest.mark.parametrize("rank_by", ["ppl", "zeroshot", "logprob"])
+def test_search_plot_shows_the_ranking_measure(tmp_path, rank_by):
+    from gqa_prune.reporting.search_plots import _plotted, plot_search
+    from gqa_prune.search import Candidate, SearchResult
+
+    def cand(a, ppl, acc, lp):
+        return Candidate((a, 10 - a), a / 10, ppl, 0.25, 0.1, 0.3, 100, None, acc, {}, lp)
+
+    result = SearchResult(
+        candidates=(cand(1, 90.0, 0.30, -6.5), cand(2, 95.0, 0.28, -6.1)),
+        best=1,
+        dense_ppl=60.0,
+        pruning_ratio=0.25,
+        validation={"dataset": "x", "num_tokens": 10},
+        layer_importance=(1.0,),
+        layer_importance_method="removal",
+        rank_by=rank_by,
+        dense_zeroshot=0.35,
+        dense_zeroshot_logprob=-5.0,
+    )
+    value, dense, ylabel = _plotted(result)
+    expected = {
+        "ppl": ([90.0, 95.0], 60.0, "perplexity"),
+        "zeroshot": ([0.30, 0.28], 0.35, "zero-shot score"),
+        "logprob": ([-6.5, -6.1], -5.0, "log-probability"),
+    }[rank_by]
+    assert [value(c) for c in result.candidates] == expected[0]
+    assert dense == expected[1] and expected[2] in ylabel
+    path = plot_search(tmp_path / "s.png", result)
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from gqa_prune.reporting.plots import _save_atomic, plt
-from gqa_prune.search import ZEROSHOT_RANKINGS, SearchResult
+from gqa_prune.search import ZEROSHOT_RANKINGS, Candidate, SearchResult
 
 
 def _ranking_line(result: SearchResult) -> str:
@@ -64,19 +65,30 @@ def format_search_table(result: SearchResult) -> str:
     return "\n".join(lines)
 
 
+def _plotted(
+    result: SearchResult,
+) -> tuple[Callable[[Candidate], float | None], float | None, str]:
+    """What the plot shows for the ranking: per-candidate value, the dense line, the label."""
+    if result.rank_by == "logprob":
+        return (
+            lambda c: c.zeroshot_logprob,
+            result.dense_zeroshot_logprob,
+            "validation right-choice log-probability",
+        )
+    if result.rank_by == "zeroshot":
+        return (
+            lambda c: c.zeroshot,
+            result.dense_zeroshot,
+            "validation zero-shot score (acc_norm, else acc)",
+        )
+    return lambda c: c.ppl, result.dense_ppl, "validation perplexity"
+
+
 def plot_search(path: str | Path, result: SearchResult, title: str = "") -> Path:
-    """The ranking metric (validation perplexity or zero-shot score) against the attention
-    share of the removed parameters."""
+    """The ranking metric (validation perplexity, zero-shot score or log-probability)
+    against the attention share of the removed parameters."""
     path = Path(path)
-    zs = result.rank_by in ZEROSHOT_RANKINGS
-    by_logprob = result.rank_by == "logprob"
-    value = (
-        (lambda c: c.zeroshot_logprob)
-        if by_logprob
-        else (lambda c: c.zeroshot)
-        if zs
-        else (lambda c: c.ppl)
-    )
+    value, dense, ylabel = _plotted(result)
     points = [
         (c.attention_share, value(c), c.label) for c in result.candidates if value(c) is not None
     ]
@@ -90,23 +102,10 @@ def plot_search(path: str | Path, result: SearchResult, title: str = "") -> Path
     ax.plot(
         [best.attention_share], [value(best) or math.nan], "r*", ms=14, label=f"best {best.label}"
     )
-    dense = (
-        result.dense_zeroshot_logprob
-        if by_logprob
-        else result.dense_zeroshot
-        if zs
-        else result.dense_ppl
-    )
     if dense is not None:
         ax.axhline(dense, color="tab:gray", ls="--", lw=0.8, label="dense")
     ax.set_xlabel("attention share of the removed parameters  a / (a + m)")
-    ax.set_ylabel(
-        "validation right-choice log-probability"
-        if by_logprob
-        else "validation zero-shot score (acc_norm, else acc)"
-        if zs
-        else "validation perplexity"
-    )
+    ax.set_ylabel(ylabel)
     ax.set_title(title or f"split search at {100 * result.pruning_ratio:.0f}% pruning")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
