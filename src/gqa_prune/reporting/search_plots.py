@@ -89,9 +89,11 @@ def plot_search(path: str | Path, result: SearchResult, title: str = "") -> Path
     against the attention share of the removed parameters."""
     path = Path(path)
     value, dense, ylabel = _plotted(result)
-    points = [
-        (c.attention_share, value(c), c.label) for c in result.candidates if value(c) is not None
-    ]
+    points: list[tuple[float, float, str]] = []
+    for c in result.candidates:
+        y = value(c)
+        if y is not None:
+            points.append((c.attention_share, y, c.label))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-", label="pruned")
     for x, y, label in points:
