@@ -40,7 +40,8 @@ def test_parameter_and_output_gradients_equal_a_model_backward(kind):
     got: dict[int, list[torch.Tensor]] = {}
     outputs: dict[int, list[torch.Tensor]] = {}
 
-    def at_params(i, layer, grads):
+    def at_params(i, layer, asked, grads):
+        assert [id(p) for p in asked] == [id(p) for p in params(layer)]
         if i in got:
             got[i] = [a + g for a, g in zip(got[i], grads, strict=True)]
         else:

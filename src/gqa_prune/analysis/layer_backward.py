@@ -38,7 +38,8 @@ def layerwise_backward(
     loss: LossFn,
     at_output: Callable[[int, list[torch.Tensor]], None] | None = None,
     params: Callable[[nn.Module], list[nn.Parameter]] | None = None,
-    at_params: Callable[[int, nn.Module, list[torch.Tensor]], None] | None = None,
+    at_params: Callable[[int, nn.Module, list[nn.Parameter], list[torch.Tensor]], None]
+    | None = None,
     what: str = "backward",
     progress: bool = False,
 ) -> None:
@@ -53,8 +54,9 @@ def layerwise_backward(
         at_output: called as ``at_output(i, grads)`` with ``dL_b/dh`` at layer ``i``'s
             output for every batch (host tensors, ``(B, L, H)``), from the top layer down.
         params: the parameters of a layer to differentiate (None = none).
-        at_params: called per batch as ``at_params(i, layer, grads)`` with the gradients of
-            ``params(layer)``, in that order, while ``layer`` is on the device.
+        at_params: called per batch as ``at_params(i, layer, params, grads)`` with
+            ``params(layer)`` (asked once per layer) and their gradients, in that order, while
+            ``layer`` is on the device.
         what: names the caller in the error for a non-finite loss.
         progress: tqdm bars.
 
@@ -94,7 +96,7 @@ def layerwise_backward(
                         wrt = [*wanted, x] if i > 0 else wanted
                         got = torch.autograd.grad(y, wrt, grad_outputs=grads[b].to(y.device))
                     if at_params is not None and wanted:
-                        at_params(i, layer, list(got[: len(wanted)]))
+                        at_params(i, layer, wanted, list(got[: len(wanted)]))
                     if i > 0:
                         grads[b] = got[-1].to(walk.host)
                     del got, y

@@ -152,7 +152,12 @@ def search_main(argv: Sequence[str]) -> int:
     from gqa_prune.reporting.experiment import ExperimentDir, setup_logging
     from gqa_prune.reporting.search_plots import format_search_table, plot_search
     from gqa_prune.runner import allocation_config
-    from gqa_prune.search import SearchConfig, parse_distributions, search_distributions
+    from gqa_prune.search import (
+        ZEROSHOT_RANKINGS,
+        SearchConfig,
+        parse_distributions,
+        search_distributions,
+    )
 
     args = vars(build_search_parser().parse_args(list(argv)))
     distributions = parse_distributions(args.pop("distributions"))
@@ -160,7 +165,7 @@ def search_main(argv: Sequence[str]) -> int:
     ranking = {k: args.pop(k) for k in ("rank_by", "zeroshot_tasks", "zeroshot_limit")}
     zeroshot_dir = args.pop("zeroshot_data_dir")
     run = RunConfig(**args, prune_mlp=True)  # validates the shared flags
-    if ranking["rank_by"] in ("zeroshot", "logprob"):
+    if ranking["rank_by"] in ZEROSHOT_RANKINGS:
         folder = zeroshot_folder(zeroshot_dir, run.data_dir)
         zeroshot_dir = None if folder is None else str(folder)
     config = SearchConfig(

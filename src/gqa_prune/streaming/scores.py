@@ -145,27 +145,23 @@ def _taylor(
 ) -> UnitScores:
     name = "taylor2" if second_order else "taylor"
     element = taylor_second_order if second_order else taylor_first_order
-    n = streamer.num_layers
-    groups: list[torch.Tensor] = [torch.zeros(0)] * n
-    channels: list[torch.Tensor] = [torch.zeros(0)] * n
-    started: set[int] = set()
+    totals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> summed over batches
 
     def projection_params(layer: nn.Module) -> list[nn.Parameter]:
         return [
             p for proj in streamer.adapter.prunable_projections(layer) for p in proj.parameters()
         ]
 
-    def add_scores(i: int, layer: nn.Module, grads: list[torch.Tensor]) -> None:
-        by_param = {id(p): g for p, g in zip(projection_params(layer), grads, strict=True)}
-        g_scores, c_scores = _layer_scores(
-            streamer, layer, _with_grads(element, by_param), aggregation
-        )
-        if i not in started:
-            started.add(i)
-            groups[i], channels[i] = g_scores, c_scores
+    def add_scores(
+        i: int, layer: nn.Module, params: list[nn.Parameter], grads: list[torch.Tensor]
+    ) -> None:
+        by_param = {id(p): g for p, g in zip(params, grads, strict=True)}
+        scores = _layer_scores(streamer, layer, _with_grads(element, by_param), aggregation)
+        if i in totals:
+            totals[i][0].add_(scores[0])
+            totals[i][1].add_(scores[1])
         else:
-            groups[i].add_(g_scores)
-            channels[i].add_(c_scores)
+            totals[i] = scores
 
     # the loss exactly as model(ids, labels=ids), backpropagated one layer at a time
     layerwise_backward(
@@ -177,7 +173,10 @@ def _taylor(
         what=f"{name} importance",
         progress=progress,
     )
-    return UnitScores(groups=groups, channels=channels)
+    layers = range(streamer.num_layers)
+    return UnitScores(
+        groups=[totals[i][0] for i in layers], channels=[totals[i][1] for i in layers]
+    )
 
 
 @_register("taylor")
