@@ -8,15 +8,17 @@ import torch
 
 from gqa_prune import AllocationConfig, GQAPruneError, prune_model_
 from gqa_prune import pipeline as pipeline_mod
-from gqa_prune.compensation import prune_sequential_, ridge_refit
+from gqa_prune.compensation import blend_cross, prune_sequential_, ridge_refit, target_blend
 from gqa_prune.compensation.selection import (
     greedy_removal,
     removal_error,
     ridge_lambda,
     unit_columns,
 )
+from gqa_prune.compensation.sequential import check_compensation
 from gqa_prune.compensation.solve import split_features
 from gqa_prune.config import RunConfig
+from gqa_prune.models.adapters import get_adapter
 from gqa_prune.streaming import LayerStreamer, StreamingConfig
 
 from conftest import tiny_model
@@ -62,6 +64,49 @@ def test_dense_target_refit_equals_a_direct_least_squares_solve(seed):
     torch.testing.assert_close(
         ridge_refit(w, gram, kept, DAMP, cross=gram @ w.T), ridge_refit(w, gram, kept, DAMP)
     )
+
+
+@pytest.mark.parametrize("share", [0.25, 0.7])
+def test_blended_target_refit_equals_a_direct_least_squares_solve(share):
+    x, y, w = drifted_layer(8, 1, seed=5)
+    gram, cross = x.T @ x, x.T @ y
+    blended = blend_cross(cross, gram, w, share)
+    kept, _ = split_features([0, 2, 3, 5, 7], 8)
+    lam = DAMP * float(gram[kept[:, None], kept].diagonal().mean())
+    y_share = (1 - share) * x @ w.T + share * y  # the blended target itself
+    expected, value = lstsq_fit(x, y_share, w, kept, lam)
+    got = ridge_refit(w, gram, kept, DAMP, cross=blended)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-8, atol=1e-8)
+    # it minimises the blend of the two objectives (they differ from it by a constant)
+    local_fit = ridge_refit(w, gram, kept, DAMP)
+    dense_fit = ridge_refit(w, gram, kept, DAMP, cross=cross)
+
+    def blend_objective(v):
+        fit = x[:, kept] @ v.T
+        return (
+            (1 - share) * (x @ w.T - fit).square().sum()
+            + share * (y - fit).square().sum()
+            + lam * (v - w[:, kept]).square().sum()
+        )
+
+    assert blend_objective(got) < min(blend_objective(local_fit), blend_objective(dense_fit))
+    # linear in the share, with the two named targets at its ends
+    torch.testing.assert_close(got, (1 - share) * local_fit + share * dense_fit)
+    torch.testing.assert_close(blend_cross(cross, gram, w, 0.0), gram @ w.T)
+    torch.testing.assert_close(blend_cross(cross, gram, w, 1.0), cross)
+    with pytest.raises(GQAPruneError, match="share"):
+        blend_cross(cross, gram, w, 1.5)
+
+
+def test_target_names_and_numbers():
+    assert target_blend("local") == 0.0 and target_blend("dense") == 1.0
+    assert target_blend("0.25") == 0.25 and target_blend("1") == 1.0
+    for bad in ("global", "1.5", "-0.1", "nan", ""):
+        with pytest.raises(GQAPruneError, match="local, dense or a number in"):
+            target_blend(bad)
+    with pytest.raises(GQAPruneError, match="needs --compensation lstsq"):
+        check_compensation("bias", DAMP, "0.5")
+    check_compensation("bias", DAMP, "0")  # no share of the dense outputs: nothing to carry
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -182,6 +227,37 @@ def test_dense_target_end_to_end(kind, selection):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_blended_target_end_to_end(kind):
+    """Same plan (score selection): share 0 is the local target; layer 0's ``down_proj`` (whose
+    inputs alone drift: layer 0's attention was cut) is the blend of the two named fits;
+    streaming equals in memory."""
+    dense = tiny_model(kind, num_hidden_layers=3)
+    models = {t: copy.deepcopy(dense) for t in ("local", "dense", "0", "0.25")}
+    plans = {
+        t: prune_model_(m, IDS, ALLOC, compensation_target=t, **RUN) for t, m in models.items()
+    }
+    assert len({str(p.plan) for p in plans.values()}) == 1
+    for a, b in zip(models["0"].state_dict().values(), models["local"].state_dict().values()):
+        assert torch.equal(a, b)
+
+    def down(target):
+        adapter = get_adapter(models[target])
+        return adapter.mlp_projections(adapter.decoder_layers(models[target])[0])[2].weight
+
+    expected = 0.75 * down("local") + 0.25 * down("dense")
+    torch.testing.assert_close(down("0.25"), expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(down("0.25"), down("local"), rtol=1e-3, atol=1e-5)
+    assert output_error(models["0.25"], dense, IDS) < output_error(models["local"], dense, IDS)
+    streamer = LayerStreamer(copy.deepcopy(dense), StreamingConfig(device="cpu"))
+    streamed = prune_model_(
+        streamer.model, IDS, ALLOC, streaming=streamer, compensation_target="0.25", **RUN
+    )
+    assert streamed.plan == plans["0.25"].plan
+    gathered = streamer.gather_("cpu")
+    for (name, p), q in zip(gathered.state_dict().items(), models["0.25"].state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_repair_selection_in_layer_mode_computes_no_unit_scores(monkeypatch):
     dense = tiny_model()
     # the reference: a plan from real scores, re-chosen by repair (only its counts matter)
@@ -217,8 +293,12 @@ def test_dense_target_input_errors(tiny_run, capsys):
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert "--compensation lstsq" in err and "Traceback" not in err
+    bad = tiny_args(tiny_run, "--compensation_target", "1.5")
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "unknown compensation target '1.5'" in err and "Traceback" not in err
     ok = tiny_args(
-        tiny_run, "--pruning_ratio", "0.3", "--prune_mlp", "--compensation_target", "dense"
+        tiny_run, "--pruning_ratio", "0.3", "--prune_mlp", "--compensation_target", "0.5"
     )
     assert main(ok) == 0
 
@@ -238,6 +318,8 @@ def test_streaming_memory_estimate_counts_repair_dense_targets_and_no_gradients(
     assert score.working == 16 * n * n + 24 * n * o  # Gram fp32 + the fp64 solve
     assert repair.working == 20 * n * n + 8 * n * o  # Gram fp32 + H^-1, its copy, W' (fp64)
     assert dense.working == repair.working + 4 * n * o  # + X^T Y (fp32)
+    assert largest(selection="repair", target="0.25") == dense  # a blend carries the same
+    assert largest(selection="repair", target="0") == repair
     # repair in layer mode needs no backward: smaller activations than Taylor scoring
     assert repair.activations < score.activations
     assert largest(selection="repair", mode="global").activations == score.activations

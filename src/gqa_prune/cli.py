@@ -253,10 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--compensation_target",
         default=d.compensation_target,
-        choices=TARGETS,
+        metavar="{" + ",".join(TARGETS) + ",BETA}",
         help="what the lstsq refit reproduces: local = each projection's own dense output "
         "on the pruned inputs; dense = the dense model's output (a dense stream carried "
-        "beside the pruned one corrects the error arriving from the layers below)",
+        "beside the pruned one corrects the error arriving from the layers below); a number "
+        "BETA in [0, 1] = the blend (1-BETA) local + BETA dense",
     )
 
     g = p.add_argument_group("5. evaluation")

@@ -14,7 +14,6 @@ from gqa_prune.compensation import (
     DEFAULT_TARGET,
     SELECTIONS,
     SENSITIVITY_WEIGHTS,
-    TARGETS,
     check_compensation,
     check_selection,
 )
@@ -172,7 +171,6 @@ class RunConfig:
             ("sensitivity_weights", SENSITIVITY_WEIGHTS),
             ("compensation", COMPENSATIONS),
             ("selection", SELECTIONS),
-            ("compensation_target", TARGETS),
             ("aggregation", AGGREGATIONS),
             ("layer_importance_method", LAYER_IMPORTANCE_METHODS),
         ):

@@ -145,7 +145,9 @@ def prune_model_(
             backward pass at all.
         compensation_target: ``local`` = refit each projection to its own dense weights on
             the pruned inputs; ``dense`` = to the dense model's outputs (a dense stream
-            carried beside the pruned one), so each layer also corrects the drift from below.
+            carried beside the pruned one), so each layer also corrects the drift from below;
+            a number ``beta`` in [0, 1] (as a string, ``"0.25"``) = the blend
+            ``(1 - beta) local + beta dense``.
         sensitivity_weights: token weights of the ``sensitivity`` mode's error curves:
             ``stream`` (the size of the residual stream) or ``gradient`` (the squared loss
             gradient at each layer's output: one more forward and a layer-wise backward).

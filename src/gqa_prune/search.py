@@ -154,7 +154,8 @@ class SearchConfig:
         compensation_samples: calibration windows of the compensation.
         compensation_damp: ridge strength of ``lstsq``.
         selection: ``score`` or ``repair`` (which units go; see ``gqa_prune.compensation``).
-        compensation_target: ``local`` or ``dense`` (what the ``lstsq`` refit reproduces).
+        compensation_target: ``local``, ``dense`` or a blend ``"0.25"`` (what the ``lstsq``
+            refit reproduces).
         seed: seed of the calibration sampling (and of the ``random`` criterion).
         rank_by: ``ppl`` (validation perplexity, lower is better), ``zeroshot``
             (validation zero-shot accuracy, higher is better; ties -> lower perplexity) or

@@ -15,7 +15,8 @@ names; ``repair`` keeps as many but chooses them by the error the ``lstsq`` refi
 
 Target (``target=...``): ``local`` refits each projection to its own dense weights on the
 pruned inputs; ``dense`` refits to the dense model's outputs, carried beside the pruned
-stream, so each layer also corrects the error arriving from below.
+stream, so each layer also corrects the error arriving from below; a number in [0, 1]
+blends the two (the dense outputs' share).
 
 Measured on SmolLM2-135M, 25% of all parameters removed (inverse, alpha 2, split 1:9),
 64 x 128 compensation tokens, WikiText-2 perplexity (seq_len 128, 40 windows): dense 59.10,
@@ -53,8 +54,9 @@ from gqa_prune.compensation.sequential import (
     check_compensation,
     prune_layerwise_,
     prune_sequential_,
+    target_blend,
 )
-from gqa_prune.compensation.solve import removed_mean_contribution, ridge_refit
+from gqa_prune.compensation.solve import blend_cross, removed_mean_contribution, ridge_refit
 
 __all__ = [
     "COMPENSATIONS",
@@ -66,6 +68,8 @@ __all__ = [
     "LayerWalk",
     "ResidentLayers",
     "prune_layerwise_",
+    "target_blend",
+    "blend_cross",
     "Compensation",
     "add_output_biases_",
     "apply_plan_sequential_",

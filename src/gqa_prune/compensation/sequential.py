@@ -12,7 +12,7 @@ device (:class:`ResidentLayers`, the in-memory case) or one layer at a time on t
 the rest parked in RAM or on disk (``gqa_prune.streaming.LayerStreamer``). Per layer, at most
 four passes of that one layer over the calibration set:
 
-0. (``target="dense"`` only) the dense layer on the *dense* model's hidden states, carried
+0. (``dense`` or blended targets only) the dense layer on the *dense* model's hidden states, carried
    beside the pruned ones: records the dense outputs ``Y`` of ``o_proj`` and ``down_proj``
    (the refit targets, :mod:`.solve`) and advances the dense stream;
 1. (when the layer loses GQA groups, unless all go and ``lstsq`` has nothing to refit) the
@@ -32,7 +32,9 @@ in pass 2), and the refitted projections once more on their recorded inputs.
 
 Targets: ``local`` refits each projection to its own dense weights on the pruned inputs
 (``X W^T``), so the error arriving from below is left as it is; ``dense`` refits to the
-dense model's outputs (``Y = X_d W^T``), so every cut layer also corrects that drift.
+dense model's outputs (``Y = X_d W^T``), so every cut layer also corrects that drift; a
+number ``beta`` in [0, 1] blends the two, ``(1 - beta) X W^T + beta Y`` (:mod:`.solve`; 0 is
+``local``, 1 is ``dense``): part of the drift is corrected, the rest left to the layers above.
 
 Memory: only the current boundary hidden states (``N x L x hidden``, model dtype; twice with
 ``dense``, plus the two recorded targets of the current layer, ``2 x N x L x hidden``), the
@@ -89,7 +91,7 @@ from gqa_prune.analysis.decoder_stack import (
     record_layer_calls,
 )
 from gqa_prune.compensation.selection import Selection, check_selection, select_kept_units
-from gqa_prune.compensation.solve import removed_mean_contribution, ridge_refit
+from gqa_prune.compensation.solve import blend_cross, removed_mean_contribution, ridge_refit
 from gqa_prune.compensation.stats import InputStats
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.models.adapters import ArchitectureAdapter, get_adapter
@@ -110,6 +112,7 @@ log = logging.getLogger(__name__)
 Compensation = Literal["none", "lstsq", "bias"]
 COMPENSATIONS: tuple[str, ...] = ("none", "lstsq", "bias")
 Target = Literal["local", "dense"]
+# named targets; --compensation_target also takes a blend, a number in [0, 1]
 TARGETS: tuple[str, ...] = ("local", "dense")
 DEFAULT_TARGET = "local"
 # lam = DEFAULT_DAMP * mean(diag(G_SS)); chosen on SmolLM2-135M (bench/bench_compensation.py)
@@ -117,6 +120,28 @@ DEFAULT_DAMP = 0.1
 # Config flag read by the shipped modeling code: o_proj and down_proj of every layer carry a
 # bias (FLAP's compensation), even where the family's config flags would build none.
 OUTPUT_BIAS_FLAG = "layer_output_bias"
+
+
+def target_blend(target: str) -> float:
+    """The dense outputs' share ``beta`` of a refit target: ``local`` = 0, ``dense`` = 1, or
+    the number itself (``"0.25"``).
+
+    Raises:
+        GQAPruneError: neither a named target nor a number in [0, 1].
+    """
+    named = {"local": 0.0, "dense": 1.0}
+    if target in named:
+        return named[target]
+    try:
+        beta = float(target)
+    except (TypeError, ValueError):
+        beta = float("nan")
+    if not 0.0 <= beta <= 1.0:  # also NaN
+        raise GQAPruneError(
+            f"unknown compensation target '{target}'; choose local, dense or a number in "
+            f"[0, 1] (the dense outputs' share of the target, e.g. 0.25)"
+        )
+    return beta
 
 
 def check_compensation(compensation: str, damp: float, target: str = DEFAULT_TARGET) -> None:
@@ -127,13 +152,9 @@ def check_compensation(compensation: str, damp: float, target: str = DEFAULT_TAR
         )
     if not damp > 0:
         raise GQAPruneError(f"compensation damp must be > 0 (e.g. {DEFAULT_DAMP}), got {damp}")
-    if target not in TARGETS:
+    if target_blend(target) > 0 and compensation != "lstsq":
         raise GQAPruneError(
-            f"unknown compensation target '{target}'; choose one of {', '.join(TARGETS)}"
-        )
-    if target == "dense" and compensation != "lstsq":
-        raise GQAPruneError(
-            f"--compensation_target dense refits to the dense model's outputs; it needs "
+            f"--compensation_target {target} refits to the dense model's outputs; it needs "
             f"--compensation lstsq (got '{compensation}')"
         )
 
@@ -313,6 +334,7 @@ def prune_layerwise_(
     """
     check_compensation(compensation, damp, target)
     check_selection(selection, compensation)
+    blend = target_blend(target)
     adapter, model = walk.adapter, walk.model
     n = walk.num_layers
     by_layer = {lp.layer_idx: lp for lp in plan.layers}
@@ -327,7 +349,7 @@ def prune_layerwise_(
         setattr(model.config, OUTPUT_BIAS_FLAG, True)
     dense_states: list[torch.Tensor] | None = None  # == states until a layer is cut
     applied = []
-    desc = f"compensation {compensation}" + ("" if target == "local" else f", {target} target")
+    desc = f"compensation {compensation}" + ("" if blend == 0 else f", target {target}")
     for i in tqdm(range(n), desc=desc, disable=not progress):
         lp = by_layer[i]
         with walk.layer(i, changed=True) as layer:
@@ -342,7 +364,7 @@ def prune_layerwise_(
                 adapter.mlp_projections(layer)[2].in_features
             )
             targets = None
-            if target == "dense" and (cut or dense_states is not None):
+            if blend > 0 and (cut or dense_states is not None):
                 if dense_states is None:
                     dense_states = list(states)
                 targets = _dense_pass(walk, layer, dense_states, layer_calls)
@@ -359,6 +381,7 @@ def prune_layerwise_(
                 selection,
                 targets,
                 walk.host,
+                blend,
             )
             applied.append(lp)
             del targets
@@ -442,10 +465,11 @@ def _collect(
     gram: bool,
     targets: Sequence[torch.Tensor] | None = None,
     keep_on: torch.device | str | None = None,
+    blend: float = 1.0,
 ) -> InputStats:
     """Run ``layer`` over the calibration batches up to ``linear``, recording its inputs
-    (and ``X^T Y`` against the per-batch dense ``targets``, when given; the inputs
-    themselves when ``keep_on`` names a device).
+    (and ``X^T Y`` against the per-batch dense ``targets``, when given, blended with the
+    local target as ``blend`` says; the inputs themselves when ``keep_on`` names a device).
 
     Each forward stops at ``linear``'s input: nothing after it is computed (for ``o_proj``
     the whole MLP, for ``down_proj`` the projection itself).
@@ -461,6 +485,8 @@ def _collect(
     finally:
         stop.remove()
         stats.remove()
+    if stats.cross is not None and stats.gram is not None and blend < 1:
+        stats.cross = blend_cross(stats.cross, stats.gram, linear.weight, blend)
     return stats
 
 
@@ -532,6 +558,7 @@ def prune_layer_(
     selection: str = "score",
     targets: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
     host: torch.device | str | None = None,
+    blend: float = 1.0,
 ) -> tuple[LayerPlan, BlockOutputs]:
     """Slice one layer to ``lp``: attention first, then the MLP on the new attention output.
 
@@ -540,7 +567,8 @@ def prune_layer_(
     With ``selection="repair"`` the kept groups / channels (same counts as ``lp``) are chosen
     on the Gram matrix just collected, before slicing, and the selection's own ridge refit
     (``lam`` over all inputs) is written (:mod:`.selection`). ``targets`` are the dense
-    model's ``o_proj`` / ``down_proj`` outputs per batch (pass 0; dense targets).
+    model's ``o_proj`` / ``down_proj`` outputs per batch (pass 0; dense targets), of which
+    the refit reproduces the share ``blend`` (:func:`~.solve.blend_cross`).
 
     The statistics passes keep the projections' inputs (on ``host``; None = the layer's
     device), so a cut block's final output is one sliced matmul away: pass 2 replays the
@@ -564,7 +592,7 @@ def prune_layer_(
     elif cut_attn:
         o = adapter.attention_projections(layer)[3]
         y_o = None if targets is None else targets[0]
-        o_stats = _collect(layer, o, states, calls, gram, y_o, keep_on=keep_on)
+        o_stats = _collect(layer, o, states, calls, gram, y_o, keep_on=keep_on, blend=blend)
         width = plan.queries_per_kv * plan.head_dim
         fix = None
         if repair and lp.keep_kv_groups and o_stats.gram is not None:
@@ -594,7 +622,9 @@ def prune_layer_(
             )
         try:
             with replaying(layer, adapter, replay):
-                down_stats = _collect(layer, down, states, calls, gram, y_down, keep_on=keep_on)
+                down_stats = _collect(
+                    layer, down, states, calls, gram, y_down, keep_on=keep_on, blend=blend
+                )
         finally:
             if recorder is not None:
                 recorder.remove()

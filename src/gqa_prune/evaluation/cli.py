@@ -108,7 +108,12 @@ def build_search_parser() -> argparse.ArgumentParser:
     g.add_argument("--compensation_samples", type=int, default=d.compensation_samples)
     g.add_argument("--compensation_damp", type=float, default=d.compensation_damp)
     g.add_argument("--selection", default="auto", choices=("auto", *SELECTIONS))
-    g.add_argument("--compensation_target", default=d.compensation_target, choices=TARGETS)
+    g.add_argument(
+        "--compensation_target",
+        default=d.compensation_target,
+        metavar="{" + ",".join(TARGETS) + ",BETA}",
+        help="local, dense or a blend BETA in [0, 1] (as gqa-prune)",
+    )
     g = p.add_argument_group("validation perplexity")
     g.add_argument("--eval_seq_len", type=int, default=d.eval_seq_len)
     g.add_argument("--eval_max_windows", type=_int_or_none, default=d.eval_max_windows)

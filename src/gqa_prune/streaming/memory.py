@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from gqa_prune.compensation.sequential import target_blend
 from gqa_prune.errors import GQAPruneError
 
 GIB = 1024**3
@@ -184,7 +185,7 @@ def estimate_memory(
         needs_grad: the criterion backpropagates (Taylor).
         selection: ``repair`` holds ``H^-1`` (fp64), a transient fp64 copy and ``W'`` (fp64)
             beside the fp32 Gram matrix instead of the ridge solve.
-        target: ``dense`` adds the fp32 cross product ``X^T Y`` (out x in).
+        target: ``dense`` (or a blend) adds the fp32 cross product ``X^T Y`` (out x in).
         calibration_tokens: compensation tokens (samples x length). Their boundary hidden
             states and the current layer's recordings (the engine's projection inputs and
             block outputs; the dense stream and targets with ``dense``) rest on the host:
@@ -217,7 +218,7 @@ def estimate_memory(
                 steps["lstsq"] = 20 * widest * widest + 8 * biggest
             else:  # Gram fp32 + the fp64 solve
                 steps["lstsq"] = 16 * widest * widest + 24 * biggest
-            if target == "dense":  # X^T Y (fp32)
+            if target_blend(target) > 0:  # X^T Y (fp32)
                 steps["lstsq"] += 4 * biggest
         elif compensation == "bias":
             steps["bias"] = 8 * widest
@@ -235,7 +236,7 @@ def estimate_memory(
     # (at most the widest projection each) and the two block outputs
     per_token = hidden
     if compensation != "none":
-        per_token += 2 * widest_all + 2 * hidden + (3 * hidden if target == "dense" else 0)
+        per_token += 2 * widest_all + 2 * hidden + (3 * hidden if target_blend(target) > 0 else 0)
     held = calibration_tokens * per_token * dtype_bytes
     if layers_resident:
         resident += held
