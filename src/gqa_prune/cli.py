@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from gqa_prune.compensation import TARGETS
 from gqa_prune.config import (
     AGGREGATIONS,
     COMPENSATIONS,
@@ -21,7 +22,6 @@ from gqa_prune.config import (
     SELECTIONS,
     SENSITIVITY_WEIGHTS,
     STRATEGIES,
-    TARGETS,
     RunConfig,
 )
 from gqa_prune.errors import GQAPruneError

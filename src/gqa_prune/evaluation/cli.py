@@ -16,13 +16,13 @@ from typing import NoReturn
 import torch
 
 from gqa_prune.cli import add_allocation_arguments
+from gqa_prune.compensation import TARGETS
 from gqa_prune.config import (
     AGGREGATIONS,
     COMPENSATIONS,
     IMPORTANCE_CRITERIA,
     LAYER_IMPORTANCE_METHODS,
     SELECTIONS,
-    TARGETS,
     RunConfig,
 )
 from gqa_prune.errors import GQAPruneError
