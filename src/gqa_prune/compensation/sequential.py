@@ -37,8 +37,9 @@ number ``beta`` in [0, 1] blends the two, ``(1 - beta) X W^T + beta Y`` (:mod:`.
 ``local``, 1 is ``dense``): part of the drift is corrected, the rest left to the layers above.
 
 Memory: only the current boundary hidden states (``N x L x hidden``, model dtype; twice with
-``dense``, plus the two recorded targets of the current layer, ``2 x N x L x hidden``), the
-current layer's recorded projection inputs and block outputs, and one Gram matrix are held,
+``dense`` or a blend, plus the two recorded targets of the current layer,
+``2 x N x L x hidden``), the current layer's recorded projection inputs and block outputs, and
+one Gram matrix are held,
 plus the recorded layer arguments (masks, rotary tables) per batch (streamed: the states and
 recordings rest on the host, one batch at a time on the device).
 Cost per layer for Llama-3-8B (hidden 4096, 32 Q heads x 128, MLP 14336),
