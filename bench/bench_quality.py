@@ -172,6 +172,7 @@ def prune_like_the_cli(
         selection=c.selection,
         compensation_target=c.compensation_target,
         sensitivity_weights=c.sensitivity_weights,
+        compensation_target_norm=c.compensation_target_norm,
     )
     model.zero_grad(set_to_none=True)
 

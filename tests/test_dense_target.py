@@ -2,13 +2,20 @@
 
 import copy
 import itertools
+import json
 
 import pytest
 import torch
 
 from gqa_prune import AllocationConfig, GQAPruneError, prune_model_
 from gqa_prune import pipeline as pipeline_mod
-from gqa_prune.compensation import blend_cross, prune_sequential_, ridge_refit, target_blend
+from gqa_prune.compensation import (
+    blend_cross,
+    prune_sequential_,
+    rescale_rows,
+    ridge_refit,
+    target_blend,
+)
 from gqa_prune.compensation.selection import (
     greedy_removal,
     removal_error,
@@ -17,6 +24,7 @@ from gqa_prune.compensation.selection import (
 )
 from gqa_prune.compensation.sequential import check_compensation
 from gqa_prune.compensation.solve import split_features
+from gqa_prune.compensation.stats import InputStats
 from gqa_prune.config import RunConfig
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.streaming import LayerStreamer, StreamingConfig
@@ -177,6 +185,55 @@ def test_dense_target_greedy_equals_exhaustive_search_when_units_do_not_interact
         assert errors[tuple(sorted(got.removed))] == pytest.approx(min(errors.values()))
 
 
+def test_rescale_rows_keeps_the_direction_and_takes_the_reference_norm():
+    g = torch.Generator().manual_seed(5)
+    y, ref = torch.randn(7, 5, generator=g), 3 * torch.randn(7, 5, generator=g)
+    y[2] = 0.0  # a zero target stays zero (no NaN)
+    got = rescale_rows(y, ref)
+    for t in range(7):
+        if t == 2:
+            assert torch.equal(got[t], torch.zeros(5))
+            continue
+        torch.testing.assert_close(got[t].norm(), ref[t].norm())
+        torch.testing.assert_close(got[t] / got[t].norm(), y[t] / y[t].norm())
+    torch.testing.assert_close(rescale_rows(ref, ref), ref)  # already the right size
+    with pytest.raises(GQAPruneError, match="differ"):
+        rescale_rows(y, ref[:, :4])
+
+
+def test_local_norm_refit_equals_a_direct_least_squares_solve():
+    """The hook's cross product with ``rescale`` is ``X^T Y'`` with ``Y'_t`` the dense output
+    at the local output's norm; blended and refitted, it is the least-squares fit of
+    ``(1 - b) X W^T + b Y'`` (computed token by token here, not by the library)."""
+    x, y, w = drifted_layer(8, 1, seed=4)
+    x, y, w = x.float(), y.float(), w.float()
+    linear = torch.nn.Linear(8, 6, bias=False)
+    linear.weight.data.copy_(w)
+    batches = (x[:40].reshape(5, 8, 8), x[40:].reshape(3, 8, 8))
+    targets = [y[:40].reshape(5, 8, 6), y[40:].reshape(3, 8, 6)]
+    stats = InputStats(linear, gram=True, targets=targets, rescale=True)
+    with torch.no_grad():
+        for b in batches:
+            linear(b)
+    stats.remove()
+    y_rescaled = torch.stack(
+        [y[t] * (x[t] @ w.T).norm() / y[t].norm() for t in range(x.shape[0])]
+    ).double()
+    x64, w64 = x.double(), w.double()
+    torch.testing.assert_close(stats.cross.double(), x64.T @ y_rescaled, rtol=1e-4, atol=1e-4)
+    share = 0.25
+    kept, _ = split_features([0, 2, 3, 5, 7], 8)
+    gram = x64.T @ x64
+    lam = DAMP * float(gram[kept[:, None], kept].diagonal().mean())
+    expected, _ = lstsq_fit(x64, (1 - share) * x64 @ w64.T + share * y_rescaled, w64, kept, lam)
+    cross = blend_cross(stats.cross.double(), gram, w64, share)
+    got = ridge_refit(w64, gram, kept, DAMP, cross=cross)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # and it is not the fit of the plain dense outputs
+    plain, _ = lstsq_fit(x64, (1 - share) * x64 @ w64.T + share * y.double(), w64, kept, lam)
+    assert not torch.allclose(got, plain, rtol=1e-3, atol=1e-3)
+
+
 # ---- end to end --------------------------------------------------------------------------
 
 IDS = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(3))
@@ -258,6 +315,65 @@ def test_blended_target_end_to_end(kind):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_local_norm_target_end_to_end(kind):
+    """``target_norm local``: no effect on the local target; layer 0's ``o_proj`` (inputs
+    not drifted yet: its dense outputs are its own) is unchanged; the refits differ from the
+    plain blend further up; streaming equals in memory."""
+    dense = tiny_model(kind, num_hidden_layers=3)
+    cases = {
+        "local/local": ("local", "local"),
+        "local/dense": ("local", "dense"),
+        "0.5/dense": ("0.5", "dense"),
+        "0.5/local": ("0.5", "local"),
+    }
+    models = {name: copy.deepcopy(dense) for name in cases}
+    outcomes = {
+        name: prune_model_(
+            models[name], IDS, ALLOC, compensation_target=t, compensation_target_norm=n, **RUN
+        )
+        for name, (t, n) in cases.items()
+    }
+    assert len({str(o.plan) for o in outcomes.values()}) == 1
+    for a, b in zip(
+        models["local/local"].state_dict().values(), models["local/dense"].state_dict().values()
+    ):
+        assert torch.equal(a, b)
+
+    def projections(name, layer):
+        adapter = get_adapter(models[name])
+        block = adapter.decoder_layers(models[name])[layer]
+        o = adapter.attention_projections(block)[3] if adapter.has_attention(block) else None
+        return o, adapter.mlp_projections(block)[2]
+
+    o_plain, _ = projections("0.5/dense", 0)
+    o_local, _ = projections("0.5/local", 0)
+    if o_plain is not None:
+        torch.testing.assert_close(o_local.weight, o_plain.weight, rtol=1e-4, atol=1e-6)
+    changed = [
+        not torch.allclose(p.weight, q.weight, rtol=1e-3, atol=1e-5)
+        for layer in range(3)
+        for p, q in zip(projections("0.5/local", layer), projections("0.5/dense", layer))
+        if p is not None
+    ]
+    assert any(changed)
+    streamer = LayerStreamer(copy.deepcopy(dense), StreamingConfig(device="cpu"))
+    streamed = prune_model_(
+        streamer.model,
+        IDS,
+        ALLOC,
+        streaming=streamer,
+        compensation_target="0.5",
+        compensation_target_norm="local",
+        **RUN,
+    )
+    assert streamed.plan == outcomes["0.5/local"].plan
+    gathered = streamer.gather_("cpu")
+    for (name, p), q in zip(
+        gathered.state_dict().items(), models["0.5/local"].state_dict().values()
+    ):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_repair_selection_in_layer_mode_computes_no_unit_scores(monkeypatch):
     dense = tiny_model()
     # the reference: a plan from real scores, re-chosen by repair (only its counts matter)
@@ -297,10 +413,36 @@ def test_dense_target_input_errors(tiny_run, capsys):
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert "unknown compensation target '1.5'" in err and "Traceback" not in err
+    with pytest.raises(GQAPruneError, match="unknown compensation target norm 'unit'"):
+        prune_model_(tiny_model(), IDS, ALLOC, compensation_target_norm="unit")
+    with pytest.raises(GQAPruneError, match="unknown compensation target norm"):
+        RunConfig(compensation_target_norm="unit")
+    bad = tiny_args(tiny_run, "--compensation_target_norm", "unit")
+    with pytest.raises(SystemExit) as exit_info:  # argparse choices
+        main(bad)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--compensation_target_norm" in err and "Traceback" not in err
     ok = tiny_args(
         tiny_run, "--pruning_ratio", "0.3", "--prune_mlp", "--compensation_target", "0.5"
     )
     assert main(ok) == 0
+    ok = tiny_args(
+        tiny_run,
+        "--pruning_ratio",
+        "0.3",
+        "--prune_mlp",
+        "--compensation_target",
+        "0.5",
+        "--compensation_target_norm",
+        "local",
+        "--save_ckpt_log_name",
+        "norm_local",
+    )
+    assert main(ok) == 0
+    summary = json.loads((tiny_run["logs"] / "norm_local" / "summary.json").read_text())
+    assert summary["method"]["compensation_target"] == "0.5"
+    assert summary["method"]["compensation_target_norm"] == "local"
 
 
 def test_streaming_memory_estimate_counts_repair_dense_targets_and_no_gradients():

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from gqa_prune.compensation import TARGETS
+from gqa_prune.compensation import TARGET_NORMS, TARGETS
 from gqa_prune.config import (
     AGGREGATIONS,
     COMPENSATIONS,
@@ -258,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
         "on the pruned inputs; dense = the dense model's output (a dense stream carried "
         "beside the pruned one corrects the error arriving from the layers below); a number "
         "BETA in [0, 1] = the blend (1-BETA) local + BETA dense",
+    )
+    g.add_argument(
+        "--compensation_target_norm",
+        default=d.compensation_target_norm,
+        choices=TARGET_NORMS,
+        help="the size of each token's dense target (with a dense or blended "
+        "--compensation_target): dense = as the dense model has it; local = the pruned "
+        "layer's own output's (the direction stays the dense model's; default)",
     )
 
     g = p.add_argument_group("5. evaluation")

@@ -12,6 +12,7 @@ from gqa_prune.compensation import (
     COMPENSATIONS,
     DEFAULT_DAMP,
     DEFAULT_TARGET,
+    DEFAULT_TARGET_NORM,
     SELECTIONS,
     SENSITIVITY_WEIGHTS,
     check_compensation,
@@ -93,6 +94,7 @@ class RunConfig:
     # auto = repair with lstsq compensation (the measured winner), else score
     selection: str = "auto"
     compensation_target: str = DEFAULT_TARGET
+    compensation_target_norm: str = DEFAULT_TARGET_NORM
     calibration_dataset: str = "wikitext2"
     eval_dataset: str = "wikitext2"
     eval_seq_len: int = 128
@@ -190,7 +192,12 @@ class RunConfig:
                 f"{self.compensation_damp}"
             )
         # the target's own checks (dense needs lstsq), in one place
-        check_compensation(self.compensation, self.compensation_damp, self.compensation_target)
+        check_compensation(
+            self.compensation,
+            self.compensation_damp,
+            self.compensation_target,
+            self.compensation_target_norm,
+        )
         for name in (
             "channel_importance_samples",
             "compensation_samples",

@@ -14,11 +14,13 @@ from gqa_prune.allocation import Allocation, AllocationConfig, allocate, allocat
 from gqa_prune.compensation import (
     DEFAULT_DAMP,
     DEFAULT_TARGET,
+    DEFAULT_TARGET_NORM,
     Compensation,
     ResidentLayers,
     Selection,
     SensitivityWeights,
     Target,
+    TargetNorm,
     check_compensation,
     check_selection,
     check_sensitivity_weights,
@@ -104,6 +106,7 @@ def prune_model_(
     selection: Selection | str = "score",
     compensation_target: Target | str = DEFAULT_TARGET,
     sensitivity_weights: SensitivityWeights | str = "stream",
+    compensation_target_norm: TargetNorm | str = DEFAULT_TARGET_NORM,
 ) -> PruneOutcome:
     """Prune ``model`` in place to remove ``allocation_config.pruning_ratio`` of its parameters.
 
@@ -148,6 +151,10 @@ def prune_model_(
             carried beside the pruned one), so each layer also corrects the drift from below;
             a number ``beta`` in [0, 1] (as a string, ``"0.25"``) = the blend
             ``(1 - beta) local + beta dense``.
+        compensation_target_norm: the size of each token's dense target: ``dense`` (as the
+            dense model has it) or ``local`` (default: the pruned layer's own output's; the
+            direction stays the dense model's). Used only when ``compensation_target`` is
+            not ``local``.
         sensitivity_weights: token weights of the ``sensitivity`` mode's error curves:
             ``stream`` (the size of the residual stream) or ``gradient`` (the squared loss
             gradient at each layer's output: one more forward and a layer-wise backward).
@@ -171,9 +178,12 @@ def prune_model_(
             selection=selection,
             compensation_target=compensation_target,
             sensitivity_weights=sensitivity_weights,
+            compensation_target_norm=compensation_target_norm,
         )
     before = get_adapter(model).geometry(model)
-    check_compensation(compensation, compensation_damp, compensation_target)
+    check_compensation(
+        compensation, compensation_damp, compensation_target, compensation_target_norm
+    )
     check_selection(selection, compensation)
     check_sensitivity_weights(sensitivity_weights)
     allocation, scores, plan = plan_pruning(
@@ -208,6 +218,7 @@ def prune_model_(
             progress,
             selection,
             compensation_target,
+            compensation_target_norm,
         )
     check_finite_logits(model, calibration_ids[:1], step="after pruning")
     return PruneOutcome(plan, allocation, before, after, scores)

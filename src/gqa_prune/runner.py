@@ -211,6 +211,7 @@ def build_summary(
             "importance": config.importance if outcome_scored(config) else None,
             "compensation": config.compensation,
             "compensation_target": config.compensation_target,
+            "compensation_target_norm": config.compensation_target_norm,
         },
         "gqa_ratio": before.queries_per_kv,
         "gqa_ratio_kept_in_every_layer": ratio_ok,
@@ -448,6 +449,7 @@ class ExperimentRun:
                 selection=config.selection,
                 compensation_target=config.compensation_target,
                 sensitivity_weights=config.sensitivity_weights,
+                compensation_target_norm=config.compensation_target_norm,
             )
         self.memory.mark("prune")
         self.outcome.plan.save(self.exp.path("pruning_plan.json"))

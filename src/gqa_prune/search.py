@@ -47,6 +47,7 @@ from gqa_prune.analysis import compute_layer_importance
 from gqa_prune.compensation import (
     DEFAULT_DAMP,
     DEFAULT_TARGET,
+    DEFAULT_TARGET_NORM,
     check_compensation,
     check_selection,
     prune_sequential_,
@@ -156,6 +157,8 @@ class SearchConfig:
         selection: ``score`` or ``repair`` (which units go; see ``gqa_prune.compensation``).
         compensation_target: ``local``, ``dense`` or a blend ``"0.25"`` (what the ``lstsq``
             refit reproduces).
+        compensation_target_norm: ``dense`` or ``local`` (the size of each token's dense
+            target; see ``gqa_prune.compensation``).
         seed: seed of the calibration sampling (and of the ``random`` criterion).
         rank_by: ``ppl`` (validation perplexity, lower is better), ``zeroshot``
             (validation zero-shot accuracy, higher is better; ties -> lower perplexity) or
@@ -186,6 +189,7 @@ class SearchConfig:
     compensation_damp: float = DEFAULT_DAMP
     selection: str = "score"
     compensation_target: str = DEFAULT_TARGET
+    compensation_target_norm: str = DEFAULT_TARGET_NORM
     seed: int = 42
     rank_by: RankBy = "ppl"
     zeroshot_tasks: str = SUITE
@@ -200,7 +204,12 @@ class SearchConfig:
                 "--validation_fraction must be between 0 and 1 (exclusive), got "
                 f"{self.validation_fraction}"
             )
-        check_compensation(self.compensation, self.compensation_damp, self.compensation_target)
+        check_compensation(
+            self.compensation,
+            self.compensation_damp,
+            self.compensation_target,
+            self.compensation_target_norm,
+        )
         check_selection(self.selection, self.compensation)
         if self.rank_by not in RANK_BY:
             raise GQAPruneError(
@@ -387,7 +396,7 @@ def _candidate(
         plan, after = prune_sequential_(
             pruned, plan, shared.compensation_ids, config.compensation,
             config.compensation_damp, config.batch_size, progress, config.selection,
-            config.compensation_target,
+            config.compensation_target, config.compensation_target_norm,
         )  # fmt: skip
     ppl = perplexity(pruned)
     log.info("search: split %g:%g -> validation perplexity %.3f", a, m, ppl)

@@ -16,7 +16,9 @@ names; ``repair`` keeps as many but chooses them by the error the ``lstsq`` refi
 Target (``target=...``): ``local`` refits each projection to its own dense weights on the
 pruned inputs; ``dense`` refits to the dense model's outputs, carried beside the pruned
 stream, so each layer also corrects the error arriving from below; a number in [0, 1]
-blends the two (the dense outputs' share).
+blends the two (the dense outputs' share). Target norm (``target_norm=...``): ``dense`` uses
+the dense outputs as they are; ``local`` (default) rescales each token's to the size of the
+layer's own output (the dense direction, the pruned size).
 
 Measured on SmolLM2-135M, 25% of all parameters removed (inverse, alpha 2, split 1:9),
 64 x 128 compensation tokens, WikiText-2 perplexity (seq_len 128, 40 windows): dense 59.10,
@@ -43,12 +45,15 @@ from gqa_prune.compensation.sequential import (
     COMPENSATIONS,
     DEFAULT_DAMP,
     DEFAULT_TARGET,
+    DEFAULT_TARGET_NORM,
     OUTPUT_BIAS_FLAG,
+    TARGET_NORMS,
     TARGETS,
     Compensation,
     LayerWalk,
     ResidentLayers,
     Target,
+    TargetNorm,
     add_output_biases_,
     apply_plan_sequential_,
     check_compensation,
@@ -56,12 +61,21 @@ from gqa_prune.compensation.sequential import (
     prune_sequential_,
     target_blend,
 )
-from gqa_prune.compensation.solve import blend_cross, removed_mean_contribution, ridge_refit
+from gqa_prune.compensation.solve import (
+    blend_cross,
+    removed_mean_contribution,
+    rescale_rows,
+    ridge_refit,
+)
 
 __all__ = [
     "COMPENSATIONS",
     "DEFAULT_DAMP",
     "DEFAULT_TARGET",
+    "DEFAULT_TARGET_NORM",
+    "TARGET_NORMS",
+    "TargetNorm",
+    "rescale_rows",
     "OUTPUT_BIAS_FLAG",
     "TARGETS",
     "Target",

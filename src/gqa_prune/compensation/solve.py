@@ -37,6 +37,17 @@ linear in ``C``, so on fixed kept columns ``W'_S(b) = (1 - b) W'_S(0) + b W'_S(1
 cost: one ``in x in x out`` product, ``2 in^2 out`` flops (Llama-3-8B ``down_proj``:
 1.7 TFLOP, as much as its Gram matrix).
 
+**Target norm**: with ``--compensation_target_norm local`` each token's dense target keeps
+its direction but takes the size of the layer's own output on the pruned inputs::
+
+    Y'_t = Y_t ||x_t W^T|| / ||Y_t||        (per token t; C = X^T Y')
+
+so the refit corrects *where* the drifted output points, not how large it is (after a
+post-norm, as in Gemma's blocks, only the direction reaches the residual stream; in a
+pre-norm block the size is what the residual carries). Extra cost: ``x W^T`` per token,
+``2 N in out`` flops, as much as ``C`` itself; done while ``C`` accumulates
+(:class:`~gqa_prune.compensation.stats.InputStats`). The blend then uses ``C = X^T Y'``.
+
 FLAP (An et al. 2024) instead adds the removed features' mean contribution as an output bias:
 ``b += W_R mean(X_R)``.
 """
@@ -147,6 +158,26 @@ def blend_cross(
     local = gram.to(dtype) @ weight.to(gram.device, dtype).T  # G W^T
     blended = local.mul_(1.0 - share).add_(cross.to(local.device, dtype), alpha=share)
     return blended.to(cross.device, torch.promote_types(cross.dtype, torch.float32))
+
+
+def rescale_rows(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``Y'_t = Y_t ||R_t|| / ||Y_t||``: each row of ``target`` rescaled to the norm of the
+    same row of ``reference`` (a zero row stays zero).
+
+    Args:
+        target: ``(T, out)`` dense outputs ``Y``.
+        reference: ``(T, out)`` the layer's own outputs ``X W^T`` on the same tokens.
+
+    Returns:
+        ``(T, out)`` in ``target``'s dtype.
+    """
+    if target.shape != reference.shape:
+        raise GQAPruneError(
+            f"targets {tuple(target.shape)} and reference {tuple(reference.shape)} differ"
+        )
+    size = target.norm(dim=-1, keepdim=True)
+    scale = reference.norm(dim=-1, keepdim=True).to(size.dtype) / size.clamp_min(1e-30)
+    return target * torch.where(size > 0, scale, torch.zeros_like(scale))
 
 
 def removed_mean_contribution(

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gqa_prune.compensation.solve import rescale_rows
+
 # columns per block of the Gram accumulation (see the module docstring)
 GRAM_BLOCK = 256
 
@@ -57,6 +59,9 @@ class InputStats:
         gram: also accumulate the Gram matrix (needed by ``lstsq``; ``bias`` needs the mean).
         targets: per-call dense outputs ``Y`` of this projection (call ``i`` of the hook pairs
             with ``targets[i]``, same tokens); accumulates ``cross = X^T Y`` (in x out, fp32).
+        rescale: rescale each token's target to the norm of the projection's own output on
+            that token, ``Y'_t = Y_t ||x_t W^T|| / ||Y_t||`` (:func:`~.solve.rescale_rows`;
+            ``W`` as it is when the hook runs), before it enters ``cross``.
         weights: per-call token weights ``w`` (``(B, L)``, same tokens as the inputs): the
             Gram matrix becomes ``X^T diag(w) X`` (the sum and the cross product stay plain).
         keep_on: also keep each call's input (model dtype) in ``inputs``, moved to this
@@ -71,6 +76,7 @@ class InputStats:
         targets: Sequence[torch.Tensor] | None = None,
         weights: Sequence[torch.Tensor] | None = None,
         keep_on: torch.device | str | None = None,
+        rescale: bool = False,
     ) -> None:
         n_in, device = linear.in_features, linear.weight.device
         self.count = 0
@@ -86,6 +92,7 @@ class InputStats:
             else torch.zeros(n_in, linear.out_features, dtype=torch.float32, device=device)
         )
         self.keep_on = keep_on
+        self.rescale = rescale
         self.inputs: list[torch.Tensor] = []
         self._handle = linear.register_forward_pre_hook(self)
 
@@ -104,7 +111,10 @@ class InputStats:
             self._mirrored = False
         if self.cross is not None and self.targets is not None:
             y = self.targets[self.calls]
-            self.cross.addmm_(x.T, y.reshape(-1, y.shape[-1]).to(x.device, torch.float32))
+            y = y.reshape(-1, y.shape[-1]).to(x.device, torch.float32)
+            if self.rescale:
+                y = rescale_rows(y, x @ module.weight.to(torch.float32).T)
+            self.cross.addmm_(x.T, y)
         self.calls += 1
 
     @property

@@ -16,7 +16,7 @@ from typing import NoReturn
 import torch
 
 from gqa_prune.cli import add_allocation_arguments
-from gqa_prune.compensation import TARGETS
+from gqa_prune.compensation import TARGET_NORMS, TARGETS
 from gqa_prune.config import (
     AGGREGATIONS,
     COMPENSATIONS,
@@ -114,6 +114,12 @@ def build_search_parser() -> argparse.ArgumentParser:
         metavar="{" + ",".join(TARGETS) + ",BETA}",
         help="local, dense or a blend BETA in [0, 1] (as gqa-prune)",
     )
+    g.add_argument(
+        "--compensation_target_norm",
+        default=d.compensation_target_norm,
+        choices=TARGET_NORMS,
+        help="dense or local: the size of each token's dense target (as gqa-prune)",
+    )
     g = p.add_argument_group("validation perplexity")
     g.add_argument("--eval_seq_len", type=int, default=d.eval_seq_len)
     g.add_argument("--eval_max_windows", type=_int_or_none, default=d.eval_max_windows)
@@ -193,6 +199,7 @@ def search_main(argv: Sequence[str]) -> int:
         compensation_damp=run.compensation_damp,
         selection=run.selection,
         compensation_target=run.compensation_target,
+        compensation_target_norm=run.compensation_target_norm,
         seed=run.seed,
         zeroshot_data_dir=zeroshot_dir,
         **ranking,

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from gqa_prune.compensation.sequential import DEFAULT_DAMP, DEFAULT_TARGET, prune_layerwise_
+from gqa_prune.compensation.sequential import (
+    DEFAULT_DAMP,
+    DEFAULT_TARGET,
+    DEFAULT_TARGET_NORM,
+    prune_layerwise_,
+)
 from gqa_prune.models.geometry import GQAGeometry
 from gqa_prune.plan import PruningPlan
 from gqa_prune.streaming.executor import LayerStreamer
@@ -26,6 +31,7 @@ def streaming_apply_plan_(
     batch_size: int = 8,
     progress: bool = False,
     target: str = DEFAULT_TARGET,
+    target_norm: str = DEFAULT_TARGET_NORM,
 ) -> GQAGeometry:
     """Slice the streamed model to ``plan`` one layer at a time, compensating each cut.
 
@@ -35,7 +41,15 @@ def streaming_apply_plan_(
         The geometry of the pruned model.
     """
     return streaming_prune_sequential_(
-        streamer, plan, calibration_ids, compensation, damp, batch_size, progress, target=target
+        streamer,
+        plan,
+        calibration_ids,
+        compensation,
+        damp,
+        batch_size,
+        progress,
+        target=target,
+        target_norm=target_norm,
     )[1]
 
 
@@ -50,6 +64,7 @@ def streaming_prune_sequential_(
     progress: bool = False,
     selection: str = "score",
     target: str = DEFAULT_TARGET,
+    target_norm: str = DEFAULT_TARGET_NORM,
 ) -> tuple[PruningPlan, GQAGeometry]:
     """:func:`gqa_prune.compensation.prune_sequential_` with one layer on the device.
 
@@ -57,5 +72,14 @@ def streaming_prune_sequential_(
         ``(plan, geometry)``: the plan that was really applied, and the pruned geometry.
     """
     return prune_layerwise_(
-        streamer, plan, calibration_ids, compensation, damp, batch_size, progress, selection, target
+        streamer,
+        plan,
+        calibration_ids,
+        compensation,
+        damp,
+        batch_size,
+        progress,
+        selection,
+        target,
+        target_norm,
     )

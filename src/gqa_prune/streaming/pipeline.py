@@ -13,6 +13,7 @@ from gqa_prune.allocation import AllocationConfig
 from gqa_prune.compensation import (
     DEFAULT_DAMP,
     DEFAULT_TARGET,
+    DEFAULT_TARGET_NORM,
     check_compensation,
     check_selection,
     check_sensitivity_weights,
@@ -144,6 +145,7 @@ def prune_model_streaming_(
     selection: str = "score",
     compensation_target: str = DEFAULT_TARGET,
     sensitivity_weights: str = "stream",
+    compensation_target_norm: str = DEFAULT_TARGET_NORM,
 ) -> PruneOutcome:
     """:func:`gqa_prune.prune_model_` with one decoder layer on the device at a time.
 
@@ -152,7 +154,9 @@ def prune_model_streaming_(
     Checks the memory cap first (:func:`check_streaming_memory`).
     """
     before = streamer.adapter.geometry(streamer.model)
-    check_compensation(compensation, compensation_damp, compensation_target)
+    check_compensation(
+        compensation, compensation_damp, compensation_target, compensation_target_norm
+    )
     check_selection(selection, compensation)
     check_sensitivity_weights(sensitivity_weights)
     seq_len = int(calibration_ids.shape[-1]) if calibration_ids is not None else 1
@@ -191,6 +195,7 @@ def prune_model_streaming_(
         progress,
         selection,
         compensation_target,
+        compensation_target_norm,
     )
     check_finite_streaming(streamer, calibration_ids[:1], step="after pruning")
     return PruneOutcome(plan, allocation, before, after, scores)
