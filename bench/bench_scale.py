@@ -148,7 +148,7 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict[
         undo.append(timer.wrap(dense_pipeline, "prune_sequential_", "compensation"))
     else:
         undo.append(timer.wrap(stream_pipeline, "streaming_unit_scores", "scores"))
-        undo.append(timer.wrap(stream_pipeline, "streaming_prune_sequential_", "compensation"))
+        undo.append(timer.wrap(stream_pipeline, "prune_layerwise_", "compensation"))
     try:
         with timer.step("layer_importance"):
             if args.li_method == "none":

@@ -35,51 +35,11 @@ def streaming_apply_plan_(
 ) -> GQAGeometry:
     """Slice the streamed model to ``plan`` one layer at a time, compensating each cut.
 
-    Arguments as :func:`gqa_prune.compensation.apply_plan_sequential_`.
+    Arguments as :func:`gqa_prune.compensation.apply_plan_sequential_` (choosing the units
+    too: :func:`gqa_prune.compensation.prune_layerwise_` over the streamer).
 
     Returns:
         The geometry of the pruned model.
     """
-    return streaming_prune_sequential_(
-        streamer,
-        plan,
-        calibration_ids,
-        compensation,
-        damp,
-        batch_size,
-        progress,
-        target=target,
-        target_norm=target_norm,
-    )[1]
-
-
-@torch.no_grad()
-def streaming_prune_sequential_(
-    streamer: LayerStreamer,
-    plan: PruningPlan,
-    calibration_ids: torch.Tensor | None,
-    compensation: str = "lstsq",
-    damp: float = DEFAULT_DAMP,
-    batch_size: int = 8,
-    progress: bool = False,
-    selection: str = "score",
-    target: str = DEFAULT_TARGET,
-    target_norm: str = DEFAULT_TARGET_NORM,
-) -> tuple[PruningPlan, GQAGeometry]:
-    """:func:`gqa_prune.compensation.prune_sequential_` with one layer on the device.
-
-    Returns:
-        ``(plan, geometry)``: the plan that was really applied, and the pruned geometry.
-    """
-    return prune_layerwise_(
-        streamer,
-        plan,
-        calibration_ids,
-        compensation,
-        damp,
-        batch_size,
-        progress,
-        selection,
-        target,
-        target_norm,
-    )
+    args = (compensation, damp, batch_size, progress, "score", target, target_norm)
+    return prune_layerwise_(streamer, plan, calibration_ids, *args)[1]

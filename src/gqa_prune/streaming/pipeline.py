@@ -17,6 +17,7 @@ from gqa_prune.compensation import (
     check_compensation,
     check_selection,
     check_sensitivity_weights,
+    prune_layerwise_,
     repair_sensitivity,
 )
 from gqa_prune.errors import GQAPruneError
@@ -27,7 +28,6 @@ from gqa_prune.evaluation.perplexity import (
 )
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.pipeline import PruneOutcome, needs_unit_scores, plan_pruning
-from gqa_prune.streaming.compensation import streaming_prune_sequential_
 from gqa_prune.streaming.executor import LayerStreamer
 from gqa_prune.streaming.memory import MemoryPlan, check_fits, estimate_memory, outside_bytes
 from gqa_prune.streaming.scores import streaming_unit_scores
@@ -185,7 +185,7 @@ def prune_model_streaming_(
         ),
     )
     ids = calibration_ids if compensation_ids is None else compensation_ids
-    plan, after = streaming_prune_sequential_(
+    plan, after = prune_layerwise_(  # the one layer-wise engine, over the streamed layers
         streamer,
         plan,
         ids,
