@@ -293,17 +293,8 @@ def apply_plan_sequential_(
     Returns:
         The geometry of the pruned model.
     """
-    return prune_sequential_(
-        model,
-        plan,
-        calibration_ids,
-        compensation,
-        damp,
-        batch_size,
-        progress,
-        target=target,
-        target_norm=target_norm,
-    )[1]
+    args = (compensation, damp, batch_size, progress, "score", target, target_norm)
+    return prune_sequential_(model, plan, calibration_ids, *args)[1]
 
 
 @torch.no_grad()
@@ -333,18 +324,8 @@ def prune_sequential_(
     was_training = model.training
     model.eval()  # no dropout in the calibration passes
     try:
-        return prune_layerwise_(
-            ResidentLayers(model),
-            plan,
-            calibration_ids,
-            compensation,
-            damp,
-            batch_size,
-            progress,
-            selection,
-            target,
-            target_norm,
-        )
+        args = (compensation, damp, batch_size, progress, selection, target, target_norm)
+        return prune_layerwise_(ResidentLayers(model), plan, calibration_ids, *args)
     finally:
         model.train(was_training)
 
