@@ -427,6 +427,8 @@ def test_dense_target_input_errors(tiny_run, capsys):
         tiny_run, "--pruning_ratio", "0.3", "--prune_mlp", "--compensation_target", "0.5"
     )
     assert main(ok) == 0
+    summary = json.loads((tiny_run["logs"] / "gqa_prune_run" / "summary.json").read_text())
+    assert summary["method"]["compensation_target_norm"] == "local"  # the default
     ok = tiny_args(
         tiny_run,
         "--pruning_ratio",
@@ -435,14 +437,14 @@ def test_dense_target_input_errors(tiny_run, capsys):
         "--compensation_target",
         "0.5",
         "--compensation_target_norm",
-        "local",
+        "dense",
         "--save_ckpt_log_name",
-        "norm_local",
+        "norm_dense",
     )
     assert main(ok) == 0
-    summary = json.loads((tiny_run["logs"] / "norm_local" / "summary.json").read_text())
+    summary = json.loads((tiny_run["logs"] / "norm_dense" / "summary.json").read_text())
     assert summary["method"]["compensation_target"] == "0.5"
-    assert summary["method"]["compensation_target_norm"] == "local"
+    assert summary["method"]["compensation_target_norm"] == "dense"
 
 
 def test_streaming_memory_estimate_counts_repair_dense_targets_and_no_gradients():

@@ -22,6 +22,7 @@ from gqa_prune.analysis import (
     compute_layer_importance,
     load_layer_importance,
 )
+from gqa_prune.compensation import target_blend
 from gqa_prune.config import RunConfig
 from gqa_prune.data import bos_prefix, load_text, sample_calibration, tokenize_text
 from gqa_prune.errors import GQAPruneError
@@ -211,7 +212,11 @@ def build_summary(
             "importance": config.importance if outcome_scored(config) else None,
             "compensation": config.compensation,
             "compensation_target": config.compensation_target,
-            "compensation_target_norm": config.compensation_target_norm,
+            "compensation_target_norm": (  # only a dense or blended target has one
+                config.compensation_target_norm
+                if target_blend(config.compensation_target) > 0
+                else None
+            ),
         },
         "gqa_ratio": before.queries_per_kv,
         "gqa_ratio_kept_in_every_layer": ratio_ok,
