@@ -59,14 +59,14 @@ class InputStats:
         gram: also accumulate the Gram matrix (needed by ``lstsq``; ``bias`` needs the mean).
         targets: per-call dense outputs ``Y`` of this projection (call ``i`` of the hook pairs
             with ``targets[i]``, same tokens); accumulates ``cross = X^T Y`` (in x out, fp32).
-        rescale: rescale each token's target to the norm of the projection's own output on
-            that token, ``Y'_t = Y_t ||x_t W^T|| / ||Y_t||`` (:func:`~.solve.rescale_rows`;
-            ``W`` as it is when the hook runs), before it enters ``cross``.
         weights: per-call token weights ``w`` (``(B, L)``, same tokens as the inputs): the
             Gram matrix becomes ``X^T diag(w) X`` (the sum and the cross product stay plain).
         keep_on: also keep each call's input (model dtype) in ``inputs``, moved to this
             device (the engine replays the projection on them once it is refitted);
             None = keep nothing.
+        rescale: rescale each token's target to the norm of the projection's own output on
+            that token, ``Y'_t = Y_t ||x_t W^T|| / ||Y_t||`` (:func:`~.solve.rescale_rows`;
+            ``W`` as it is when the hook runs), before it enters ``cross``.
     """
 
     def __init__(
