@@ -461,6 +461,31 @@ def test_global_mode_matches_hand_computation():
     assert [(la.kv_heads_after, la.channels_after) for la in alloc.layers] == [(2, 2), (2, 2)]
 
 
+def test_global_mode_gives_back_channels_after_a_crossing_group():
+    # the same two layers with 2,440 params outside them: tol = 13, so a group may overshoot
+    geo = make_geometry(2, 4, 1, 1, 2, 4, extra=2440)
+    groups = [[2.4, 160.0], [160.0, 160.0]]  # L0 .15 10 | L1 10 10
+    channels = [[0.6, 1.2, 24.0, 24.0], [24.0] * 4]  # L0 .05 .1 2 2 | L1 2 2 2 2
+    # cheapest first: L0c .05, L0c .1 (24 < 28), L0g .15 -> 40; the dearest channel goes
+    # back (L0c .1) -> 28, the target exactly
+    alloc = allocate_global(groups, channels, geo, AllocationConfig(28 / geo.total_params))
+    assert [(la.kv_heads_after, la.channels_after) for la in alloc.layers] == [(1, 3), (2, 4)]
+    assert alloc.params_removed == 28
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.4])
+def test_global_mode_lands_within_one_channel_of_the_target(seed, ratio):
+    """Units priced at random: whichever unit crosses the target, at most one channel over."""
+    rng = np.random.default_rng(seed)
+    groups = [rng.random(k) * 50 for k in SMOL.kv_heads]  # priced among the channels
+    channels = [rng.random(c) for c in SMOL.intermediate_sizes]
+    alloc = allocate_global(groups, channels, SMOL, AllocationConfig(ratio))
+    over = alloc.params_removed - ratio * SMOL.total_params
+    assert 0 <= over < SMOL.params_per_channel, over
+    assert sum(la.kv_heads_before - la.kv_heads_after for la in alloc.layers) > 0
+
+
 def test_global_mode_without_attention_is_the_brute_force_optimum():
     rng = np.random.default_rng(11)
     channels = [rng.random(4), rng.random(4)]

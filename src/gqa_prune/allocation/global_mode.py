@@ -40,7 +40,10 @@ def allocate_global(
     than 0.5 % of ``B`` or lift its layer above ``max_pruning_rate`` is skipped with the
     rest of its layer's queue. ``distribution=(a, m)`` is honoured: groups are taken first
     up to ``round(a/(a+m) * target / params_per_group)``, then channels, then (only if
-    still short) anything. Floors, range, freezing, ``prune_attention``/``prune_mlp`` and
+    still short) anything. If the last unit was a group that crossed the target, the
+    dearest MLP steps taken go back while the total stays at or above it, so the result
+    lands within one MLP step above the target whenever there are channels to give back.
+    Floors, range, freezing, ``prune_attention``/``prune_mlp`` and
     ``mlp_round_to`` apply as in :func:`~gqa_prune.allocation.allocate`; ``strategy`` and
     ``alpha`` do not.
 

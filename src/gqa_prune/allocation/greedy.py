@@ -150,6 +150,29 @@ class CheapestFirst:
                 self.closed[self.layer[pos[stop]], self.kind[pos[stop]]] = True
             start += int(idx[min(stop, n - 1)]) + 1
 
+    def give_back(self, goal: float, lo: dict[int, int]) -> None:
+        """Return the dearest MLP steps taken while the total stays at or above ``goal``.
+
+        The last unit a run takes can be a whole GQA group that crosses ``goal`` by up to its
+        size; giving back the dearest channel steps (each layer's last, so every layer still
+        removes a cheapest-first prefix) lands the total within one MLP step above ``goal``.
+        A layer whose dearest step does not fit (the total would drop below ``goal``, or
+        the layer below its floor ``lo``) gives back no more.
+        """
+        taken = np.flatnonzero(self.taken & (self.kind == 1))[::-1]  # dearest first
+        smallest = int(self.params[taken].min(initial=np.iinfo(np.int64).max))
+        done: set[int] = set()
+        for p in taken:
+            if self.total - goal < smallest:
+                return
+            i, size = int(self.layer[p]), int(self.params[p])
+            if i in done or self.total - size < goal or self.removed[i] - size < lo.get(i, 0):
+                done.add(i)
+                continue
+            self.taken[p] = False
+            self.total -= size
+            self.removed[i] -= size
+
     def _take(self, pos: np.ndarray) -> None:
         self.taken[pos] = True
         p = self.params[pos]
@@ -172,7 +195,9 @@ def remove_cheapest(
     1. each layer takes its own cheapest units until it reaches ``grid.lo`` (min rate);
     2. with ``attention_goal``: groups only up to that many params, then channels only;
     3. any unit, until ``target``. A unit above ``target + tol`` or its layer's ``hi``
-       is skipped together with the rest of its queue.
+       is skipped together with the rest of its queue;
+    4. the dearest MLP steps taken go back while the total stays at or above ``target``
+       (a crossing group overshoots by up to its size; this lands within one MLP step).
 
     Returns:
         ``({layer: (groups, channels)}, params removed, None)``, or a layer that cannot
@@ -199,4 +224,5 @@ def remove_cheapest(
         greedy.run(greedy.pool(kind=0), attention_goal, measure="attention")
         greedy.run(greedy.pool(kind=1), target)
     greedy.run(greedy.pool(), target)
+    greedy.give_back(target, {i: g.lo for i, g in grids.items()})
     return greedy.got(), greedy.total, None

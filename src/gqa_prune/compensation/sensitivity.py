@@ -43,7 +43,7 @@ memory for the inputs of every layer, ``num_layers x N x L x H`` (Llama-3-8B, 32
 tokens, bf16: 1 GiB).
 
 :func:`gqa_prune.allocation.allocate_global` then removes the cheapest units per parameter
-across all layers until the target is met (within its +-0.5 %): the allocation with the
+across all layers until the target is met (to within one MLP channel): the allocation with the
 least predicted loss under (5) (greedy knapsack; exact when the curves are convex). The
 per-layer counts go to the layer-wise engine, whose ``repair`` selection chooses the units
 again on the pruned stream (with the plain Gram matrices of the refit).
