@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +52,7 @@ from gqa_prune.data import (
     tokenize_text,
 )
 from gqa_prune.evaluation.perplexity import evaluate_perplexity
-from gqa_prune.evaluation.zeroshot import format_zeroshot_table
+from gqa_prune.evaluation.zeroshot import ZeroShotResult, format_zeroshot_table
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.loading import load_model
 from gqa_prune.pipeline import prune_model_
@@ -177,6 +179,21 @@ def prune_like_the_cli(
     model.zero_grad(set_to_none=True)
 
 
+def items_path(folder: str, target: str, method: str) -> Path:
+    """``folder/<target>__<method>.json`` with the characters a file name cannot hold
+    replaced (``smollm2-135m:total:0.25`` -> ``smollm2-135m_total_0.25``)."""
+    name = f"{target}__{method}".replace(":", "_").replace("/", "_").replace("=", "-")
+    return Path(folder) / f"{name}.json"
+
+
+def save_items(path: Path, result: ZeroShotResult) -> None:
+    """Write ``result`` (with its per-item scores) as JSON, through a temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result.to_dict()))
+    os.replace(tmp, path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -197,6 +214,12 @@ def main() -> None:
     p.add_argument("--no_dense", action="store_true", help="skip the dense rows")
     p.add_argument("--data_dir", default=os.environ.get("GQA_PRUNE_DATA_DIR"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--save_items",
+        metavar="DIR",
+        help="write each row's zero-shot result with per-item scores to DIR/<target>__<method>"
+        ".json, for a paired comparison (bench/compare_items.py)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,8 +228,25 @@ def main() -> None:
     column = None
     if args.zeroshot_limit:
         column = ZeroShotColumn.create(
-            args.zeroshot_limit, args.split, args.data_dir, args.zeroshot_batch_size
+            args.zeroshot_limit,
+            args.split,
+            args.data_dir,
+            args.zeroshot_batch_size,
+            log_samples=bool(args.save_items),
         )
+    elif args.save_items:
+        p.error("--save_items needs a zero-shot column: set --zeroshot_limit N")
+    if args.save_items:
+        names = ([] if args.no_dense else ["dense"]) + list(methods)
+        targets = args.targets.split(",")
+        taken = [
+            path
+            for t in targets
+            for m in names
+            if (path := items_path(args.save_items, t, m)).exists()
+        ]
+        if taken:
+            p.error(f"--save_items: {taken[0]} exists; choose another folder or remove it")
     rows: list[tuple[str, ...]] = []
     for spec in args.targets.split(","):
         name, basis, ratio = spec.split(":")
@@ -225,7 +265,7 @@ def main() -> None:
         ref = reference_seconds(dense, ref_ids, base.taylor_batch_size)
         target = f"{name} {100 * float(ratio):.0f}% {basis.replace('_', '-')}"
 
-        def evaluate(model: torch.nn.Module) -> tuple[str, str]:
+        def evaluate(model: torch.nn.Module, method: str) -> tuple[str, str]:
             ppl = evaluate_perplexity(
                 model,
                 eval_tokens,  # noqa: B023 - evaluated within the iteration
@@ -237,6 +277,8 @@ def main() -> None:
             zs = "-"
             if column is not None:
                 result = column.evaluate(model, tok)  # noqa: B023
+                if args.save_items:
+                    save_items(items_path(args.save_items, spec, method), result)  # noqa: B023
                 if args.zeroshot_tasks:
                     print(format_zeroshot_table({"model": result}), flush=True)
                 zs = "n/a" if result.mean_score is None else f"{result.mean_score:.4f}"
@@ -246,7 +288,9 @@ def main() -> None:
 
         if not args.no_dense:
             params = get_adapter(dense).geometry(dense).total_params
-            rows.append((target, "dense", *evaluate(dense), "", f"1 fwd+bwd = {ref:.1f} s", ""))
+            rows.append(
+                (target, "dense", *evaluate(dense, "dense"), "", f"1 fwd+bwd = {ref:.1f} s", "")
+            )
             print(rows[-1], flush=True)
         for method, settings in methods.items():
             c = replace(base, **settings)
@@ -260,7 +304,7 @@ def main() -> None:
                 (
                     target,
                     method,
-                    *evaluate(model),
+                    *evaluate(model, method),
                     f"{seconds:.1f}",
                     f"{seconds / ref:.2f}x",
                     f"{params:,}",

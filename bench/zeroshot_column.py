@@ -60,6 +60,7 @@ class ZeroShotColumn:
     selection: TaskSelection
     limit: int | None
     batch_size: int = 8
+    log_samples: bool = False
 
     @classmethod
     def create(
@@ -68,12 +69,13 @@ class ZeroShotColumn:
         split: str = "validation",
         data_dir: str | None = None,
         batch_size: int = 8,
+        log_samples: bool = False,
     ) -> ZeroShotColumn:
         """Resolve the tasks (local files under ``<data_dir>/zeroshot``) and check them."""
         selection = prepare_tasks(
             SUITE, split=split, data_dir=data_dir or os.environ.get("GQA_PRUNE_DATA_DIR")
         )
-        return cls(selection, limit, batch_size)
+        return cls(selection, limit, batch_size, log_samples)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ZeroShotColumn | None:
@@ -93,7 +95,12 @@ class ZeroShotColumn:
 
     def evaluate(self, model: Any, tokenizer: Any) -> ZeroShotResult:
         return evaluate_zeroshot(
-            model, tokenizer, self.selection, batch_size=self.batch_size, limit=self.limit
+            model,
+            tokenizer,
+            self.selection,
+            batch_size=self.batch_size,
+            limit=self.limit,
+            log_samples=self.log_samples,
         )
 
     def score(self, model: Any, tokenizer: Any) -> float | None:

@@ -12,6 +12,7 @@ import torch
 from cli_helpers import assert_one_error_line
 
 from gqa_prune.errors import GQAPruneError
+from gqa_prune.evaluation.paired import paired_difference
 from gqa_prune.evaluation.zeroshot import TaskScore, evaluate_zeroshot, parse_tasks, task_manager
 
 from conftest import char_tokenizer, tiny_model
@@ -469,7 +470,9 @@ def test_limit_takes_the_first_items_and_matches_a_hand_computation(tmp_path, of
     ]
     folder = tmp_path / "zs"
     write_rows(folder / "piqa" / "validation.jsonl", rows)
-    result = evaluate_zeroshot(model, tok, "piqa", limit=5, zeroshot_data_dir=folder)
+    result = evaluate_zeroshot(
+        model, tok, "piqa", limit=5, zeroshot_data_dir=folder, log_samples=True
+    )
     assert result.tasks["piqa"].num_samples == 5
     acc, acc_norm, logprob = piqa_hand_scores(model, tok, rows[:5])
     assert result.tasks["piqa"].acc == pytest.approx(acc)
@@ -478,6 +481,33 @@ def test_limit_takes_the_first_items_and_matches_a_hand_computation(tmp_path, of
     assert result.mean_logprob == result.tasks["piqa"].logprob
     assert result.split == "test" and result.sources["piqa"].startswith("local ")
     assert result.mean_score == result.tasks["piqa"].acc_norm
+    # the per-item values average to the task's scores, item by item in order
+    items = result.items["piqa"]
+    assert items["doc_id"] == [0, 1, 2, 3, 4]
+    assert sum(items["score"]) / 5 == pytest.approx(acc_norm)
+    assert sum(items["logprob"]) / 5 == pytest.approx(logprob, rel=1e-4)
+    for i, r in enumerate(rows[:5]):
+        assert items["logprob"][i] == pytest.approx(piqa_hand_scores(model, tok, [r])[2], rel=1e-4)
+    assert type(result).from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+    # a paired comparison with another model on the same items
+    other = evaluate_zeroshot(
+        tiny_model("llama4", seed=8),
+        tok,
+        "piqa",
+        limit=5,
+        zeroshot_data_dir=folder,
+        log_samples=True,
+    )
+    per_task, mean = paired_difference(result, other)
+    assert per_task["piqa"].diff == pytest.approx(acc_norm - other.tasks["piqa"].acc_norm)
+    assert mean.diff == pytest.approx(per_task["piqa"].diff) and mean.n == 5
+    _, lp = paired_difference(result, other, metric="logprob")
+    assert lp.diff == pytest.approx(result.mean_logprob - other.mean_logprob, rel=1e-6)
+    unlogged = evaluate_zeroshot(model, tok, "piqa", limit=3, zeroshot_data_dir=folder)
+    assert unlogged.items == {}
+    with pytest.raises(GQAPruneError, match="no per-item scores.*log_samples"):
+        paired_difference(result, unlogged)
 
 
 def test_validation_split_reads_only_the_validation_file(tmp_path, offline):

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from gqa_prune.errors import GQAPruneError
-from gqa_prune.evaluation.tasks import SUITE
+from gqa_prune.evaluation.tasks import SUITE, choice_logprob
 from gqa_prune.evaluation.tasks.selection import (
     TaskSelection,
     parse_tasks,
@@ -86,6 +86,9 @@ class ZeroShotResult:
         requested: the task names evaluated (the group name expanded).
         split: ``test`` (the reported items) or ``validation`` (for choosing settings).
         sources: task -> ``"local <file>"`` or ``"lm-eval"`` (the harness's own data).
+        items: with ``log_samples``, task -> ``{"doc_id": [...], "score": [...],
+            "logprob": [...]}``, one entry per item in ``doc_id`` order (``score`` 1/0 by the
+            task's score metric; ``logprob`` only where the task reports it); else empty.
     """
 
     tasks: dict[str, TaskScore]
@@ -97,6 +100,7 @@ class ZeroShotResult:
     requested: tuple[str, ...] = ()
     split: str = "test"
     sources: dict[str, str] = field(default_factory=dict)
+    items: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     @property
     def mean_score(self) -> float | None:
@@ -160,6 +164,7 @@ def evaluate_zeroshot(
     include_path: str | Path | None = None,
     num_fewshot: int = 0,
     seed: int = 1234,
+    log_samples: bool = False,
 ) -> ZeroShotResult:
     """Run lm-evaluation-harness tasks on ``model`` as it is in memory.
 
@@ -183,6 +188,9 @@ def evaluate_zeroshot(
         include_path: folder of extra task YAML files (other local tasks).
         num_fewshot: in-context examples; 0 = zero-shot (local tasks are zero-shot only).
         seed: seed of the harness (sampling of few-shot examples).
+        log_samples: also keep each item's score and right-choice log-probability
+            (``result.items``), for a paired comparison of two models on the same items
+            (:func:`gqa_prune.evaluation.paired.paired_difference`).
 
     Raises:
         GQAPruneError: lm-eval is not installed, a task is unknown, a local file is
@@ -221,7 +229,7 @@ def evaluate_zeroshot(
                 num_fewshot=num_fewshot,
                 limit=limit,
                 task_manager=selection.manager,
-                log_samples=False,
+                log_samples=log_samples,
                 bootstrap_iters=1000,
                 random_seed=seed,
                 numpy_random_seed=seed,
@@ -258,6 +266,7 @@ def evaluate_zeroshot(
         requested=names,
         split=selection.split,
         sources=dict(selection.sources),
+        items=_items(out.get("samples") or {}, scores) if log_samples else {},
     )
     log.info(
         "zero-shot (%s, %s split): mean acc %s, mean acc_norm %s",
@@ -267,6 +276,27 @@ def evaluate_zeroshot(
         _fmt(result.mean_acc_norm),
     )
     return result
+
+
+def _items(
+    samples: dict[str, list[dict[str, Any]]], scores: dict[str, TaskScore]
+) -> dict[str, dict[str, list[float]]]:
+    """Per-item score (acc_norm where the task has it, else acc) and right-choice
+    log-probability from the harness's logged samples, in ``doc_id`` order."""
+    items = {}
+    for name, rows in samples.items():
+        rows = sorted(rows, key=lambda r: int(r["doc_id"]))
+        key = "acc" if name in scores and scores[name].acc_norm is None else "acc_norm"
+        if rows and key not in rows[0]:
+            key = "acc"
+        entry: dict[str, list[float]] = {
+            "doc_id": [float(r["doc_id"]) for r in rows],
+            "score": [float(r[key]) for r in rows if key in r],
+        }
+        if rows and all("likelihood" in r for r in rows):
+            entry["logprob"] = [choice_logprob([r["likelihood"]]) for r in rows]
+        items[name] = entry
+    return items
 
 
 def _diff(dense: float | None, other: float | None) -> float | None:
