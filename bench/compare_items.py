@@ -24,6 +24,8 @@ from gqa_prune.evaluation.zeroshot import ZeroShotResult
 
 def load(path: str) -> ZeroShotResult:
     """A saved result; a one-line error if the file is missing or not a saved result."""
+    if not Path(path).is_file():
+        raise GQAPruneError(f"{path}: no such file; give a file written by --save_items DIR")
     try:
         return ZeroShotResult.from_dict(json.loads(Path(path).read_text()))
     except (OSError, ValueError, KeyError, TypeError) as exc:
