@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 from dataclasses import replace
@@ -52,7 +51,8 @@ from gqa_prune.data import (
     tokenize_text,
 )
 from gqa_prune.evaluation.perplexity import evaluate_perplexity
-from gqa_prune.evaluation.zeroshot import ZeroShotResult, format_zeroshot_table
+from gqa_prune.evaluation.zeroshot import format_zeroshot_table
+from gqa_prune.io_utils import write_json_atomic
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.loading import load_model
 from gqa_prune.pipeline import prune_model_
@@ -186,14 +186,6 @@ def items_path(folder: str, target: str, method: str) -> Path:
     return Path(folder) / f"{name}.json"
 
 
-def save_items(path: Path, result: ZeroShotResult) -> None:
-    """Write ``result`` (with its per-item scores) as JSON, through a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result.to_dict()))
-    os.replace(tmp, path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -278,7 +270,8 @@ def main() -> None:
             if column is not None:
                 result = column.evaluate(model, tok)  # noqa: B023
                 if args.save_items:
-                    save_items(items_path(args.save_items, spec, method), result)  # noqa: B023
+                    path = items_path(args.save_items, spec, method)  # noqa: B023
+                    write_json_atomic(path, result.to_dict())
                 if args.zeroshot_tasks:
                     print(format_zeroshot_table({"model": result}), flush=True)
                 zs = "n/a" if result.mean_score is None else f"{result.mean_score:.4f}"

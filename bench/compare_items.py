@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from gqa_prune.errors import GQAPruneError
-from gqa_prune.evaluation.paired import Difference, paired_difference
+from gqa_prune.evaluation.paired import Difference, paired_difference, task_mean
 from gqa_prune.evaluation.zeroshot import ZeroShotResult
 
 
@@ -54,10 +54,10 @@ def main() -> None:
         a, b = load(args.a), load(args.b)
         tasks = args.tasks.split(",") if args.tasks else list(a.requested)
         per_task, mean = paired_difference(a, b, tasks, args.metric)
-        rest = [t for t in tasks if t != "boolq"]
-        without = paired_difference(a, b, rest, args.metric)[1] if len(rest) < len(tasks) else None
     except GQAPruneError as exc:
         sys.exit(f"error: {exc}")
+    rest = [t for t in tasks if t != "boolq"]
+    without = task_mean([per_task[t] for t in rest]) if rest and len(rest) < len(tasks) else None
     scale = 100.0 if args.metric == "score" else 1.0
     unit = "points" if args.metric == "score" else "nats"
     print(f"A = {args.a}\nB = {args.b}\n{args.metric} in {unit}; z = (A - B) / paired se\n")

@@ -102,13 +102,17 @@ def paired_difference(
         if not ids_a:
             raise GQAPruneError(f"task {task}: no items to compare")
         per_task[task] = _task_difference(np.asarray(va, np.float64), np.asarray(vb, np.float64))
-    t = len(per_task)
-    mean = Difference(
-        a=sum(d.a for d in per_task.values()) / t,
-        b=sum(d.b for d in per_task.values()) / t,
-        diff=sum(d.diff for d in per_task.values()) / t,
-        se=math.sqrt(sum(d.se**2 for d in per_task.values())) / t,
-        se_unpaired=math.sqrt(sum(d.se_unpaired**2 for d in per_task.values())) / t,
-        n=sum(d.n for d in per_task.values()),
+    return per_task, task_mean(list(per_task.values()))
+
+
+def task_mean(diffs: Sequence[Difference]) -> Difference:
+    """The task mean of per-task differences (tasks independent: their variances add)."""
+    t = len(diffs)
+    return Difference(
+        a=sum(d.a for d in diffs) / t,
+        b=sum(d.b for d in diffs) / t,
+        diff=sum(d.diff for d in diffs) / t,
+        se=math.sqrt(sum(d.se**2 for d in diffs)) / t,
+        se_unpaired=math.sqrt(sum(d.se_unpaired**2 for d in diffs)) / t,
+        n=sum(d.n for d in diffs),
     )
-    return per_task, mean

@@ -287,11 +287,9 @@ def _items(
     for name, rows in samples.items():
         rows = sorted(rows, key=lambda r: int(r["doc_id"]))
         key = "acc" if name in scores and scores[name].acc_norm is None else "acc_norm"
-        if rows and key not in rows[0]:
-            key = "acc"
         entry: dict[str, list[float]] = {
             "doc_id": [float(r["doc_id"]) for r in rows],
-            "score": [float(r[key]) for r in rows if key in r],
+            "score": [float(r[key]) for r in rows],
         }
         if rows and all("likelihood" in r for r in rows):
             entry["logprob"] = [choice_logprob([r["likelihood"]]) for r in rows]
