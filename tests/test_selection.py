@@ -15,6 +15,7 @@ from gqa_prune.compensation.selection import (
     greedy_removal,
     removal_error,
     ridge_lambda,
+    spd_block_solve,
     unit_columns,
 )
 from gqa_prune.compensation.solve import split_features
@@ -161,6 +162,24 @@ def test_downdated_inverse_equals_a_fresh_inverse_and_the_weights_the_ridge_solu
         delta_t = torch.linalg.solve(h_ss, gram[kept[:, None], rem] @ w[:, rem].T)
         torch.testing.assert_close(refit[:, kept], w[:, kept] + delta_t.T)
         assert refit[:, rem].abs().max() == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_block_solve_of_wide_groups_matches_one_solve_per_block(threads):
+    # batched LU of 192-wide blocks (SmolLM2's GQA groups) fails on multi-threaded CPU builds
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 192, 192, generator=gen, dtype=torch.float64)
+    blocks = a @ a.mT / 192 + 1e-3 * torch.eye(192, dtype=torch.float64)
+    blocks[2] = -blocks[2]  # not positive definite: solved alone, by LU
+    rhs = torch.randn(3, 192, 7, generator=gen, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = spd_block_solve(blocks, rhs)
+    finally:
+        torch.set_num_threads(before)
+    for u in range(3):
+        torch.testing.assert_close(blocks[u] @ got[u], rhs[u], rtol=0, atol=1e-8)
 
 
 def test_selection_input_errors():
