@@ -34,6 +34,7 @@ import argparse
 import copy
 import os
 import time
+import typing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -90,13 +91,28 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` strings -> RunConfig overrides, typed like the field's default."""
     out: dict[str, Any] = {}
     defaults = RunConfig()
+    hints = typing.get_type_hints(RunConfig)
     for item in items:
         key, _, value = item.partition("=")
         if not hasattr(defaults, key):
             raise SystemExit(f"unknown RunConfig setting '{key}'")
-        default = getattr(defaults, key)
-        out[key] = type(default)(value) if default is not None else value
+        out[key] = _typed(hints[key], getattr(defaults, key), value)
     return out
+
+
+def _typed(hint: Any, default: Any, value: str) -> Any:
+    """``value`` converted like the field: its default's type, else the first of ``int``,
+    ``float`` in its annotation (``int | None`` fields such as ``layer_start``); ``none``
+    gives None for an optional field."""
+    if default is not None:
+        return type(default)(value)
+    args = typing.get_args(hint)
+    if value.lower() == "none" and type(None) in args:
+        return None
+    for kind in (int, float):
+        if kind in args:
+            return kind(value)
+    return value
 
 
 def method_settings(spec: str) -> dict[str, Any]:

@@ -1,0 +1,33 @@
+"""bench/bench_quality.py's ``KEY=VALUE`` overrides are typed like the RunConfig fields."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_quality import method_settings, parse_settings  # noqa: E402
+
+from gqa_prune.config import RunConfig  # noqa: E402
+
+
+def test_optional_int_fields_become_ints():
+    # layer_start / layer_end default to None: they used to stay strings ("4" > "28")
+    got = parse_settings(["layer_start=4", "layer_end=28"])
+    assert got == {"layer_start": 4, "layer_end": 28}
+    RunConfig(**got)  # the config accepts them and sees 4 < 28
+
+
+def test_typed_like_the_default_and_none_for_optional():
+    got = parse_settings(["alpha=1", "compensation_samples=256", "layer_end=none"])
+    assert got["alpha"] == 1.0 and isinstance(got["alpha"], float)
+    assert got["compensation_samples"] == 256 and isinstance(got["compensation_samples"], int)
+    assert got["layer_end"] is None
+
+
+def test_method_presets_with_overrides():
+    got = method_settings("sensitivity-grad@layer_start=2@compensation_target=0.25")
+    assert got["pruning_mode"] == "sensitivity" and got["sensitivity_weights"] == "gradient"
+    assert got["layer_start"] == 2 and got["compensation_target"] == "0.25"
+    with pytest.raises(SystemExit, match="unknown RunConfig setting"):
+        parse_settings(["no_such_setting=1"])
