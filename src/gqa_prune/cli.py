@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
+from gqa_prune.cli_utils import UserErrorParser, int_or_none
 from gqa_prune.compensation import TARGET_NORMS, TARGETS
 from gqa_prune.config import (
     AGGREGATIONS,
@@ -26,15 +27,6 @@ from gqa_prune.config import (
 )
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.recovery.cli import add_finetune_arguments
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"gqa-prune: error: {message} (see gqa-prune --help)\n")
-
-
-def _positive_or_none(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
 
 
 def add_allocation_arguments(g: Any, d: RunConfig) -> None:
@@ -84,8 +76,8 @@ def add_allocation_arguments(g: Any, d: RunConfig) -> None:
     g.add_argument("--min_pruning_rate", type=float, default=d.min_pruning_rate)
     g.add_argument("--max_pruning_rate", type=float, default=d.max_pruning_rate)
     g.add_argument("--freeze_top_n_layers", type=int, default=d.freeze_top_n_layers)
-    g.add_argument("--layer_start", type=_positive_or_none, default=d.layer_start)
-    g.add_argument("--layer_end", type=_positive_or_none, default=d.layer_end)
+    g.add_argument("--layer_start", type=int_or_none, default=d.layer_start)
+    g.add_argument("--layer_end", type=int_or_none, default=d.layer_end)
     g.add_argument(
         "--mlp_round_to",
         type=int,
@@ -101,7 +93,7 @@ def add_allocation_arguments(g: Any, d: RunConfig) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     d = RunConfig()
-    p = _Parser(
+    p = UserErrorParser(
         prog="gqa-prune",
         description="GQA-aware unbalanced structured pruning of Hugging Face decoder LLMs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -274,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_seq_len", type=int, default=d.eval_seq_len)
     g.add_argument(
         "--eval_max_windows",
-        type=_positive_or_none,
+        type=int_or_none,
         default=d.eval_max_windows,
         help="evaluate only the first N windows (default: all)",
     )
@@ -290,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--eval_limit",
-        type=_positive_or_none,
+        type=int_or_none,
         default=d.eval_limit,
         help="the first N items of each zero-shot task (default: all)",
     )
@@ -395,7 +387,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 # Sub-commands: name -> "module:function"; the function takes the remaining arguments and
 # returns an exit status. Imported lazily so that `gqa-prune --help` stays fast.
 SUBCOMMANDS: dict[str, str] = {
-    "search": "gqa_prune.evaluation.cli:search_main",
+    "search": "gqa_prune.search_cli:search_main",
     "bench-speed": "gqa_prune.evaluation.cli:bench_speed_main",
     "export-gguf": "gqa_prune.export.cli:export_gguf_main",
 }

@@ -22,7 +22,7 @@ from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.zeroshot import parse_tasks  # does not import lm-eval
 from gqa_prune.importance import AGGREGATIONS
 from gqa_prune.importance import CRITERIA as IMPORTANCE_CRITERIA
-from gqa_prune.pipeline import PRUNING_MODES
+from gqa_prune.planning import PRUNING_MODES
 from gqa_prune.recovery.config import FINETUNE_DEFAULTS as _FT
 from gqa_prune.recovery.config import FinetuneConfig, finetune_config_from_run
 from gqa_prune.streaming.memory import parse_memory

@@ -1,16 +1,17 @@
-"""Score units, allocate per-layer budgets, build the plan, slice: the pruning step as one call."""
+"""Score units, allocate per-layer budgets, build the plan, slice: the pruning step as one call.
+
+The planning pieces (:mod:`gqa_prune.planning`) are re-exported here, the API's home.
+"""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from gqa_prune.allocation import Allocation, AllocationConfig, allocate, allocate_global
+from gqa_prune.allocation import AllocationConfig
 from gqa_prune.compensation import (
     DEFAULT_DAMP,
     DEFAULT_TARGET,
@@ -28,64 +29,35 @@ from gqa_prune.compensation import (
     repair_sensitivity,
 )
 from gqa_prune.errors import GQAPruneError
-from gqa_prune.importance import UnitScores, compute_unit_scores
+from gqa_prune.importance import compute_unit_scores
 from gqa_prune.models.adapters import get_adapter
-from gqa_prune.models.geometry import GQAGeometry
-from gqa_prune.plan import LayerPlan, PruningPlan
+from gqa_prune.planning import (
+    PRUNING_MODES,
+    PruneOutcome,
+    PruningMode,
+    build_plan,
+    needs_unit_scores,
+    plan_pruning,
+    select_channels_to_keep,
+    select_gqa_groups_to_prune,
+    zero_scores,
+)
 from gqa_prune.slicing import apply_plan_
+from gqa_prune.streaming import LayerStreamer, StreamingConfig, prune_model_streaming_
 
-if TYPE_CHECKING:  # gqa_prune.streaming imports this module
-    from gqa_prune.streaming import LayerStreamer, StreamingConfig
-
-log = logging.getLogger(__name__)
-
-PruningMode = Literal["layer", "global", "sensitivity"]
-PRUNING_MODES: tuple[str, ...] = ("layer", "global", "sensitivity")
-
-
-def select_gqa_groups_to_prune(
-    group_importance: torch.Tensor, target_num_kv_heads: int
-) -> tuple[list[int], list[int]]:
-    """Split group indices into the ``target_num_kv_heads`` most important and the rest.
-
-    Ties break towards the lower index (stable), so the result is deterministic.
-
-    Returns:
-        ``(keep, prune)``, each sorted ascending.
-    """
-    n = group_importance.numel()
-    if not 0 <= target_num_kv_heads <= n:
-        raise GQAPruneError(f"cannot keep {target_num_kv_heads} of {n} KV groups")
-    order = torch.sort(group_importance.double(), descending=True, stable=True).indices.tolist()
-    return sorted(order[:target_num_kv_heads]), sorted(order[target_num_kv_heads:])
-
-
-def select_channels_to_keep(channel_importance: torch.Tensor, target: int) -> list[int]:
-    """Indices of the ``target`` most important MLP channels, sorted ascending."""
-    return select_gqa_groups_to_prune(channel_importance, target)[0]
-
-
-def build_plan(scores: UnitScores, allocation: Allocation, geometry: GQAGeometry) -> PruningPlan:
-    """Keep, in every layer, the highest-scoring groups and channels the allocation allows."""
-    layers = []
-    for la, g_scores, c_scores in zip(
-        allocation.layers, scores.groups, scores.channels, strict=True
-    ):
-        keep_groups, _ = select_gqa_groups_to_prune(g_scores, la.kv_heads_after)
-        keep_channels = select_channels_to_keep(c_scores, la.channels_after)
-        layers.append(LayerPlan(la.layer, tuple(keep_groups), tuple(keep_channels)))
-    return PruningPlan(tuple(layers), geometry.queries_per_kv, geometry.head_dim)
-
-
-@dataclass(frozen=True)
-class PruneOutcome:
-    """What :func:`prune_model_` did."""
-
-    plan: PruningPlan
-    allocation: Allocation
-    before: GQAGeometry
-    after: GQAGeometry
-    scores: UnitScores
+__all__ = [
+    "PRUNING_MODES",
+    "PruneOutcome",
+    "PruningMode",
+    "build_plan",
+    "check_finite_logits",
+    "needs_unit_scores",
+    "plan_pruning",
+    "prune_model_",
+    "select_channels_to_keep",
+    "select_gqa_groups_to_prune",
+    "zero_scores",
+]
 
 
 def prune_model_(
@@ -224,88 +196,12 @@ def prune_model_(
     return PruneOutcome(plan, allocation, before, after, scores)
 
 
-def plan_pruning(
-    before: GQAGeometry,
-    allocation_config: AllocationConfig,
-    layer_importance: Sequence[float] | None,
-    mode: str,
-    score_units: Callable[[], UnitScores],
-    needs_scores: bool = True,
-    sensitivity: Callable[[], UnitScores] | None = None,
-) -> tuple[Allocation, UnitScores, PruningPlan]:
-    """Allocate per-layer budgets and pick the units to keep (no weight changes).
-
-    In ``layer`` mode the allocation runs before the (costly) scoring, so an impossible
-    target fails fast; ``global`` mode needs the scores to allocate.
-
-    Args:
-        before: the model's current shapes.
-        allocation_config: target, strategy and constraints.
-        layer_importance: one score per layer; None = all equal.
-        mode: ``layer``, ``global`` or ``sensitivity``.
-        score_units: computes the unit scores (in memory or streamed).
-        needs_scores: False = skip ``score_units`` (``layer`` mode only): every unit scores
-            0, so the plan keeps the first units of each layer and only its counts matter
-            (``selection="repair"`` chooses the units).
-        sensitivity: computes the repair's unit costs (``sensitivity`` mode, which
-            allocates on them as ``global`` does on scores).
-    """
-    if mode not in PRUNING_MODES:
-        raise GQAPruneError(
-            f"unknown pruning mode '{mode}'; choose one of {', '.join(PRUNING_MODES)}"
-        )
-    importance = (
-        list(layer_importance) if layer_importance is not None else [1.0] * before.num_layers
-    )
-    if mode == "layer":
-        allocation = allocate(importance, before, allocation_config)
-    if mode == "sensitivity":
-        if sensitivity is None:
-            raise GQAPruneError("pruning mode 'sensitivity' is not available here")
-        scores = sensitivity()
-    else:
-        scores = score_units() if needs_scores or mode == "global" else zero_scores(before)
-    if mode != "layer":
-        allocation = allocate_global(
-            scores.groups, scores.channels, before, allocation_config, importance=importance
-        )
-    log.info(
-        "allocation (%s): remove %d parameters = %.2f%% of %d total, %.2f%% of %d "
-        "non-embedding (target %.2f%% of %s)",
-        mode,
-        allocation.params_removed,
-        100 * allocation.params_removed / before.total_params,
-        before.total_params,
-        100 * allocation.params_removed / max(before.non_embedding_params, 1),
-        before.non_embedding_params,
-        100 * allocation.target_ratio,
-        allocation.pruning_ratio_basis.replace("_", "-"),
-    )
-    return allocation, scores, build_plan(scores, allocation, before)
-
-
-def needs_unit_scores(mode: str, selection: str) -> bool:
-    """Whether the plan needs unit scores (of ``criterion``): not for ``repair`` selection in
-    ``layer`` mode, never in ``sensitivity`` mode (it measures its own costs)."""
-    return mode == "global" or (mode == "layer" and selection != "repair")
-
-
-def zero_scores(geometry: GQAGeometry) -> UnitScores:
-    """All-zero scores of ``geometry``'s units (stand-ins where only counts matter)."""
-    return UnitScores(
-        [torch.zeros(n) for n in geometry.kv_heads],
-        [torch.zeros(n) for n in geometry.intermediate_sizes],
-    )
-
-
 def _prune_streaming_(
     model: nn.Module,
     streaming: LayerStreamer | StreamingConfig,
     *args: Any,
     **kwargs: Any,
 ) -> PruneOutcome:
-    from gqa_prune.streaming import LayerStreamer, StreamingConfig, prune_model_streaming_
-
     if isinstance(streaming, StreamingConfig):
         streamer = LayerStreamer(model, streaming)
         try:

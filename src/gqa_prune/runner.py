@@ -38,8 +38,8 @@ from gqa_prune.evaluation.zeroshot import (
 from gqa_prune.io_utils import write_json_atomic
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.checkpoint import save_pruned
+from gqa_prune.models.device import resolve_device
 from gqa_prune.models.geometry import GQAGeometry, heads_from_config
-from gqa_prune.models.loading import resolve_device
 from gqa_prune.pipeline import PruneOutcome, needs_unit_scores, prune_model_
 from gqa_prune.recovery.steps import finetune_step, prepare_finetune
 from gqa_prune.reporting.experiment import ExperimentDir, setup_logging

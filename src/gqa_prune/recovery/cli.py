@@ -18,8 +18,9 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from gqa_prune.cli_utils import UserErrorParser, int_or_none
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.recovery.config import (
     FINETUNE_DEFAULTS,
@@ -28,10 +29,6 @@ from gqa_prune.recovery.config import (
     SCHEDULERS,
     FinetuneConfig,
 )
-
-
-def _int_or_none(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
 
 
 def _float_or_none(text: str) -> float | None:
@@ -72,7 +69,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, with_switch: bool = 
     )
     g.add_argument(
         "--finetune_max_tokens",
-        type=_int_or_none,
+        type=int_or_none,
         default=d.max_tokens,
         help="token budget: at most this many training tokens per epoch",
     )
@@ -150,19 +147,14 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, with_switch: bool = 
     )
     g.add_argument(
         "--distill_top_k",
-        type=_int_or_none,
+        type=int_or_none,
         default=d.distill_top_k,
         help="keep the teacher's top-k logits per token (none = whole vocabulary)",
     )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"gqa-prune-finetune: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = UserErrorParser(
         prog="gqa-prune-finetune",
         description="Recover a saved pruned model (LoRA / full / distillation); runs under "
         "accelerate launch for several GPUs.",
@@ -185,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_after_finetune", action="store_true", help="perplexity after recovery")
     p.add_argument("--eval_dataset", default="wikitext2")
     p.add_argument("--eval_seq_len", type=int, default=128)
-    p.add_argument("--eval_max_windows", type=_int_or_none, default=None)
+    p.add_argument("--eval_max_windows", type=int_or_none, default=None)
     add_finetune_arguments(p, with_switch=False)
     return p
 
@@ -227,7 +219,8 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from gqa_prune.evaluation.perplexity import evaluate_perplexity
     from gqa_prune.io_utils import write_json_atomic
     from gqa_prune.models.checkpoint import load_pruned, save_pruned
-    from gqa_prune.models.loading import load_model, resolve_device
+    from gqa_prune.models.device import resolve_device
+    from gqa_prune.models.loading import load_model
     from gqa_prune.recovery.plots import plot_finetune_loss
     from gqa_prune.recovery.trainer import finetune_
     from gqa_prune.reporting.experiment import setup_logging

@@ -47,7 +47,7 @@ from gqa_prune.analysis.decoder_stack import (
 )
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.models.adapters import ArchitectureAdapter, get_adapter
-from gqa_prune.models.loading import resolve_device
+from gqa_prune.models.device import resolve_device
 from gqa_prune.streaming.memory import module_bytes, outside_bytes, parse_memory
 
 log = logging.getLogger(__name__)

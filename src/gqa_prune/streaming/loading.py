@@ -23,7 +23,8 @@ import torch
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.models import source_checks
 from gqa_prune.models.adapters import get_adapter
-from gqa_prune.models.loading import load_model, resolve_device, resolve_dtype
+from gqa_prune.models.device import resolve_device, resolve_dtype
+from gqa_prune.models.loading import load_model
 from gqa_prune.streaming.executor import LayerStreamer, StreamingConfig, _DiskStore
 
 log = logging.getLogger(__name__)

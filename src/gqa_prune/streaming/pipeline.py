@@ -27,7 +27,7 @@ from gqa_prune.evaluation.perplexity import (
     next_token_nll_sum,
 )
 from gqa_prune.models.adapters import get_adapter
-from gqa_prune.pipeline import PruneOutcome, needs_unit_scores, plan_pruning
+from gqa_prune.planning import PruneOutcome, needs_unit_scores, plan_pruning
 from gqa_prune.streaming.executor import LayerStreamer
 from gqa_prune.streaming.memory import MemoryPlan, check_fits, estimate_memory, outside_bytes
 from gqa_prune.streaming.scores import streaming_unit_scores

@@ -12,7 +12,8 @@ import logging
 from typing import Any
 
 from gqa_prune.errors import GQAPruneError
-from gqa_prune.models.loading import load_model, resolve_device, resolve_dtype
+from gqa_prune.models.device import resolve_device, resolve_dtype
+from gqa_prune.models.loading import load_model
 from gqa_prune.streaming.executor import LayerStreamer, StreamingConfig
 from gqa_prune.streaming.loading import load_model_offloaded
 from gqa_prune.streaming.memory import gib
