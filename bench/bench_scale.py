@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 import gqa_prune.pipeline as dense_pipeline
+import gqa_prune.planning as planning
 import gqa_prune.streaming.pipeline as stream_pipeline
 from gqa_prune import prune_model_
 from gqa_prune.analysis import compute_layer_importance
@@ -145,10 +146,10 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict[
     undo = []
     if streamer is None:
         undo.append(timer.wrap(dense_pipeline, "compute_unit_scores", "scores"))
-        undo.append(timer.wrap(dense_pipeline, "prune_sequential_", "compensation"))
     else:
         undo.append(timer.wrap(stream_pipeline, "streaming_unit_scores", "scores"))
-        undo.append(timer.wrap(stream_pipeline, "prune_layerwise_", "compensation"))
+    # both pipelines run the one engine through gqa_prune.planning.prune_walk_
+    undo.append(timer.wrap(planning, "prune_layerwise_", "compensation"))
     try:
         with timer.step("layer_importance"):
             if args.li_method == "none":
@@ -217,6 +218,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_scale: no CUDA device here; pass --device cpu")
     rows = []
     for mode in args.modes.split(","):
         rows.append(run_mode(mode.strip(), args, device))

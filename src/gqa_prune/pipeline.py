@@ -22,15 +22,9 @@ from gqa_prune.compensation import (
     SensitivityWeights,
     Target,
     TargetNorm,
-    check_compensation,
-    check_selection,
-    check_sensitivity_weights,
-    prune_sequential_,
-    repair_sensitivity,
 )
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.importance import compute_unit_scores
-from gqa_prune.models.adapters import get_adapter
 from gqa_prune.planning import (
     PRUNING_MODES,
     PruneOutcome,
@@ -38,11 +32,11 @@ from gqa_prune.planning import (
     build_plan,
     needs_unit_scores,
     plan_pruning,
+    prune_walk_,
     select_channels_to_keep,
     select_gqa_groups_to_prune,
     zero_scores,
 )
-from gqa_prune.slicing import apply_plan_
 from gqa_prune.streaming import LayerStreamer, StreamingConfig, prune_model_streaming_
 
 __all__ = [
@@ -152,48 +146,32 @@ def prune_model_(
             sensitivity_weights=sensitivity_weights,
             compensation_target_norm=compensation_target_norm,
         )
-    before = get_adapter(model).geometry(model)
-    check_compensation(
-        compensation, compensation_damp, compensation_target, compensation_target_norm
-    )
-    check_selection(selection, compensation)
-    check_sensitivity_weights(sensitivity_weights)
-    allocation, scores, plan = plan_pruning(
-        before,
-        allocation_config,
-        layer_importance,
-        mode,
-        lambda: compute_unit_scores(
-            model, calibration_ids, criterion, aggregation, batch_size, seed, progress
-        ),
-        needs_scores=needs_unit_scores(mode, selection),
-        sensitivity=lambda: repair_sensitivity(
-            ResidentLayers(model),
+    walk = ResidentLayers(model)
+    was_training = model.training
+    model.eval()  # no dropout in the calibration passes
+    try:
+        return prune_walk_(
+            walk,
             calibration_ids,
-            compensation_damp,
-            batch_size,
-            progress,
-            sensitivity_weights,
-        ),
-    )
-    if compensation == "none":
-        after = apply_plan_(model, plan)
-    else:
-        ids = calibration_ids if compensation_ids is None else compensation_ids
-        plan, after = prune_sequential_(
-            model,
-            plan,
-            ids,
-            compensation,
-            compensation_damp,
-            batch_size,
-            progress,
-            selection,
-            compensation_target,
-            compensation_target_norm,
+            allocation_config,
+            layer_importance,
+            mode,
+            lambda: compute_unit_scores(
+                model, calibration_ids, criterion, aggregation, batch_size, seed, progress
+            ),
+            lambda ids, step: check_finite_logits(model, ids, step),
+            batch_size=batch_size,
+            progress=progress,
+            compensation=compensation,
+            compensation_ids=compensation_ids,
+            compensation_damp=compensation_damp,
+            selection=selection,
+            compensation_target=compensation_target,
+            compensation_target_norm=compensation_target_norm,
+            sensitivity_weights=sensitivity_weights,
         )
-    check_finite_logits(model, calibration_ids[:1], step="after pruning")
-    return PruneOutcome(plan, allocation, before, after, scores)
+    finally:
+        model.train(was_training)
 
 
 def _prune_streaming_(

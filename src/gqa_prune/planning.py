@@ -1,7 +1,12 @@
-"""Allocate per-layer budgets and choose the units to keep: the plan, before any weight changes.
+"""The pruning step over any layer walk: allocate, choose the units (the plan), apply.
 
-Shared by the in-memory pipeline (:mod:`gqa_prune.pipeline`) and the streamed one
-(:mod:`gqa_prune.streaming.pipeline`); it imports neither, so both point here.
+:func:`plan_pruning` allocates per-layer budgets and picks the units to keep, before any
+weight changes; :func:`prune_walk_` runs the whole step (settings checked, plan, then the one
+layer-wise engine :func:`gqa_prune.compensation.prune_layerwise_`) over a
+:class:`gqa_prune.compensation.LayerWalk`. The in-memory pipeline (:mod:`gqa_prune.pipeline`,
+every layer resident) and the streamed one (:mod:`gqa_prune.streaming.pipeline`) differ only
+in the walk and in how unit scores are computed; this module imports neither, so both point
+here.
 """
 
 from __future__ import annotations
@@ -14,6 +19,14 @@ from typing import Literal
 import torch
 
 from gqa_prune.allocation import Allocation, AllocationConfig, allocate, allocate_global
+from gqa_prune.compensation import (
+    LayerWalk,
+    check_compensation,
+    check_selection,
+    check_sensitivity_weights,
+    prune_layerwise_,
+    repair_sensitivity,
+)
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.importance import UnitScores
 from gqa_prune.models.geometry import GQAGeometry
@@ -142,3 +155,70 @@ def zero_scores(geometry: GQAGeometry) -> UnitScores:
         [torch.zeros(n) for n in geometry.kv_heads],
         [torch.zeros(n) for n in geometry.intermediate_sizes],
     )
+
+
+def prune_walk_(
+    walk: LayerWalk,
+    calibration_ids: torch.Tensor,
+    allocation_config: AllocationConfig,
+    layer_importance: Sequence[float] | None,
+    mode: str,
+    score_units: Callable[[], UnitScores],
+    check_finite: Callable[[torch.Tensor, str], None],
+    *,
+    batch_size: int,
+    progress: bool,
+    compensation: str,
+    compensation_ids: torch.Tensor | None,
+    compensation_damp: float,
+    selection: str,
+    compensation_target: str,
+    compensation_target_norm: str,
+    sensitivity_weights: str,
+    before_planning: Callable[[], object] | None = None,
+) -> PruneOutcome:
+    """Prune the model that ``walk`` holds, in place: the step both pipelines run.
+
+    Args:
+        walk: the decoder layers, resident or streamed.
+        score_units: computes the unit scores (only when the mode and selection need them).
+        check_finite: ``(input_ids, step)`` -> raise if the pruned model's logits are not
+            finite.
+        before_planning: called once the settings are checked, before anything costly
+            (the streamed pipeline checks its memory cap there).
+        others: as :func:`gqa_prune.pipeline.prune_model_`.
+    """
+    before = walk.adapter.geometry(walk.model)
+    check_compensation(
+        compensation, compensation_damp, compensation_target, compensation_target_norm
+    )
+    check_selection(selection, compensation)
+    check_sensitivity_weights(sensitivity_weights)
+    if before_planning is not None:
+        before_planning()
+    allocation, scores, plan = plan_pruning(
+        before,
+        allocation_config,
+        layer_importance,
+        mode,
+        score_units,
+        needs_scores=needs_unit_scores(mode, selection),
+        sensitivity=lambda: repair_sensitivity(
+            walk, calibration_ids, compensation_damp, batch_size, progress, sensitivity_weights
+        ),
+    )
+    ids = calibration_ids if compensation_ids is None else compensation_ids
+    plan, after = prune_layerwise_(
+        walk,
+        plan,
+        ids,
+        compensation,
+        compensation_damp,
+        batch_size,
+        progress,
+        selection,
+        compensation_target,
+        compensation_target_norm,
+    )
+    check_finite(calibration_ids[:1], "after pruning")
+    return PruneOutcome(plan, allocation, before, after, scores)

@@ -14,11 +14,6 @@ from gqa_prune.compensation import (
     DEFAULT_DAMP,
     DEFAULT_TARGET,
     DEFAULT_TARGET_NORM,
-    check_compensation,
-    check_selection,
-    check_sensitivity_weights,
-    prune_layerwise_,
-    repair_sensitivity,
 )
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.perplexity import (
@@ -27,7 +22,7 @@ from gqa_prune.evaluation.perplexity import (
     next_token_nll_sum,
 )
 from gqa_prune.models.adapters import get_adapter
-from gqa_prune.planning import PruneOutcome, needs_unit_scores, plan_pruning
+from gqa_prune.planning import PruneOutcome, needs_unit_scores, prune_walk_
 from gqa_prune.streaming.executor import LayerStreamer
 from gqa_prune.streaming.memory import MemoryPlan, check_fits, estimate_memory, outside_bytes
 from gqa_prune.streaming.scores import streaming_unit_scores
@@ -153,52 +148,38 @@ def prune_model_streaming_(
     pruned weights equal the in-memory run's (up to floating-point summation order).
     Checks the memory cap first (:func:`check_streaming_memory`).
     """
-    before = streamer.adapter.geometry(streamer.model)
-    check_compensation(
-        compensation, compensation_damp, compensation_target, compensation_target_norm
-    )
-    check_selection(selection, compensation)
-    check_sensitivity_weights(sensitivity_weights)
     seq_len = int(calibration_ids.shape[-1]) if calibration_ids is not None else 1
-    check_streaming_memory(
+    return prune_walk_(
         streamer,
-        batch_size,
-        seq_len,
-        criterion,
-        compensation,
-        selection,
-        compensation_target,
-        mode,
-        sensitivity_weights=sensitivity_weights,
-    )
-    allocation, scores, plan = plan_pruning(
-        before,
+        calibration_ids,
         allocation_config,
         layer_importance,
         mode,
         lambda: streaming_unit_scores(
             streamer, calibration_ids, criterion, aggregation, batch_size, seed, progress
         ),
-        needs_scores=needs_unit_scores(mode, selection),
-        sensitivity=lambda: repair_sensitivity(
-            streamer, calibration_ids, compensation_damp, batch_size, progress, sensitivity_weights
+        lambda ids, step: check_finite_streaming(streamer, ids, step),
+        batch_size=batch_size,
+        progress=progress,
+        compensation=compensation,
+        compensation_ids=compensation_ids,
+        compensation_damp=compensation_damp,
+        selection=selection,
+        compensation_target=compensation_target,
+        compensation_target_norm=compensation_target_norm,
+        sensitivity_weights=sensitivity_weights,
+        before_planning=lambda: check_streaming_memory(
+            streamer,
+            batch_size,
+            seq_len,
+            criterion,
+            compensation,
+            selection,
+            compensation_target,
+            mode,
+            sensitivity_weights=sensitivity_weights,
         ),
     )
-    ids = calibration_ids if compensation_ids is None else compensation_ids
-    plan, after = prune_layerwise_(  # the one layer-wise engine, over the streamed layers
-        streamer,
-        plan,
-        ids,
-        compensation,
-        compensation_damp,
-        batch_size,
-        progress,
-        selection,
-        compensation_target,
-        compensation_target_norm,
-    )
-    check_finite_streaming(streamer, calibration_ids[:1], step="after pruning")
-    return PruneOutcome(plan, allocation, before, after, scores)
 
 
 @torch.no_grad()
