@@ -125,6 +125,17 @@ def prune_model_(
             ``stream`` (the size of the residual stream) or ``gradient`` (the squared loss
             gradient at each layer's output: one more forward and a layer-wise backward).
     """
+    step: dict[str, Any] = dict(
+        batch_size=batch_size,
+        progress=progress,
+        compensation=compensation,
+        compensation_ids=compensation_ids,
+        compensation_damp=compensation_damp,
+        selection=selection,
+        compensation_target=compensation_target,
+        compensation_target_norm=compensation_target_norm,
+        sensitivity_weights=sensitivity_weights,
+    )
     if streaming is not None:
         return _prune_streaming_(
             model,
@@ -135,23 +146,14 @@ def prune_model_(
             criterion=criterion,
             aggregation=aggregation,
             mode=mode,
-            batch_size=batch_size,
             seed=seed,
-            progress=progress,
-            compensation=compensation,
-            compensation_ids=compensation_ids,
-            compensation_damp=compensation_damp,
-            selection=selection,
-            compensation_target=compensation_target,
-            sensitivity_weights=sensitivity_weights,
-            compensation_target_norm=compensation_target_norm,
+            **step,
         )
-    walk = ResidentLayers(model)
     was_training = model.training
     model.eval()  # no dropout in the calibration passes
     try:
         return prune_walk_(
-            walk,
+            ResidentLayers(model),
             calibration_ids,
             allocation_config,
             layer_importance,
@@ -159,16 +161,8 @@ def prune_model_(
             lambda: compute_unit_scores(
                 model, calibration_ids, criterion, aggregation, batch_size, seed, progress
             ),
-            lambda ids, step: check_finite_logits(model, ids, step),
-            batch_size=batch_size,
-            progress=progress,
-            compensation=compensation,
-            compensation_ids=compensation_ids,
-            compensation_damp=compensation_damp,
-            selection=selection,
-            compensation_target=compensation_target,
-            compensation_target_norm=compensation_target_norm,
-            sensitivity_weights=sensitivity_weights,
+            lambda ids, when: check_finite_logits(model, ids, when),
+            **step,
         )
     finally:
         model.train(was_training)

@@ -158,7 +158,7 @@ def prune_model_streaming_(
         lambda: streaming_unit_scores(
             streamer, calibration_ids, criterion, aggregation, batch_size, seed, progress
         ),
-        lambda ids, step: check_finite_streaming(streamer, ids, step),
+        lambda ids, when: check_finite_streaming(streamer, ids, when),
         batch_size=batch_size,
         progress=progress,
         compensation=compensation,
