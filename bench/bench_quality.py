@@ -202,7 +202,8 @@ def items_path(folder: str, target: str, method: str) -> Path:
     return Path(folder) / f"{name}.json"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by the test that checks the commands in the docs)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--targets",
@@ -228,6 +229,11 @@ def main() -> None:
         help="write each row's zero-shot result with per-item scores to DIR/<target>__<method>"
         ".json, for a paired comparison (bench/compare_items.py)",
     )
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
