@@ -79,9 +79,13 @@ def check_command(command: str) -> None:
             replace(base, **extra, **method_settings(method))
 
 
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "bench" / "items" / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+]
 COMMANDS = [
-    pytest.param(command, id=f"{path.name}:{number}")
+    pytest.param(command, id=f"{path.relative_to(ROOT)}:{number}")
     for path in DOCS
     for number, command in bench_commands(path.read_text())
 ]
