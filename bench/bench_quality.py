@@ -202,6 +202,14 @@ def items_path(folder: str, target: str, method: str) -> Path:
     return Path(folder) / f"{name}.json"
 
 
+def base_config(spec: str, extra: dict[str, Any]) -> RunConfig:
+    """The run settings of one ``--targets`` entry ``model:basis:ratio`` with ``--set``'s
+    overrides (RunConfig refuses an unknown basis or a ratio out of range)."""
+    _, basis, ratio = spec.split(":")
+    base = RunConfig(pruning_ratio=float(ratio), pruning_ratio_basis=basis, prune_mlp=True)
+    return replace(base, **extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (also read by the test that checks the commands in the docs)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -272,8 +280,7 @@ def main() -> None:
             calib_tokens, eval_tokens = split_validation(calib_tokens, args.validation_fraction)
         else:
             eval_tokens = tokenize_text(tok, load_text("wikitext2", "eval", args.data_dir))
-        base = RunConfig(pruning_ratio=float(ratio), pruning_ratio_basis=basis, prune_mlp=True)
-        base = replace(base, **extra)
+        base = base_config(spec, extra)
         ref_ids = sample_calibration(calib_tokens, 32, base.taylor_seq_len, 0, bos)
         reference_seconds(dense, ref_ids[:4], base.taylor_batch_size)  # warm-up
         ref = reference_seconds(dense, ref_ids, base.taylor_batch_size)

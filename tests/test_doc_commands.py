@@ -2,7 +2,7 @@
 
 Every such line in a ```bash block is expanded with the shell variables the block sets
 (``S=...``), parsed by the bench's own command line, and each method and ``--set`` override
-is turned into a :class:`RunConfig` (which checks its values). Lines that elide arguments
+is turned into the bench's RunConfig (which checks its values). Lines that elide arguments
 with ``...`` are skipped.
 """
 
@@ -18,9 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_quality import build_parser, method_settings, parse_settings  # noqa: E402
-
-from gqa_prune.config import RunConfig  # noqa: E402
+from bench_quality import base_config, build_parser, method_settings, parse_settings  # noqa: E402
 
 ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(\S+)")
 VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -72,11 +70,9 @@ def check_command(command: str) -> None:
     args = build_parser().parse_args(argv)
     extra = parse_settings(args.set)
     for spec in args.targets.split(","):
-        name, basis, ratio = spec.split(":")
-        assert basis in ("total", "non_embedding"), spec
-        base = RunConfig(pruning_ratio=float(ratio), pruning_ratio_basis=basis, prune_mlp=True)
+        base = base_config(spec, extra)
         for method in args.methods.split(","):
-            replace(base, **extra, **method_settings(method))
+            replace(base, **method_settings(method))
 
 
 DOCS = [

@@ -6,20 +6,19 @@ same items), and each file's stored task means must agree with its per-item scor
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from gqa_prune.evaluation.paired import paired_difference
-from gqa_prune.evaluation.zeroshot import ZeroShotResult
 
-ITEMS = Path(__file__).resolve().parents[1] / "bench" / "items"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+from compare_items import load  # noqa: E402
+
+ITEMS = BENCH / "items"
 FOLDERS = sorted(p for p in ITEMS.iterdir() if p.is_dir())
-
-
-def load(path: Path) -> ZeroShotResult:
-    return ZeroShotResult.from_dict(json.loads(path.read_text()))
 
 
 def test_both_folders_hold_results():
@@ -31,9 +30,9 @@ def test_both_folders_hold_results():
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
 def test_results_in_a_folder_pair_item_by_item(folder):
     files = sorted(folder.glob("*.json"))
-    first = load(files[0])
+    first = load(str(files[0]))
     for path in files[1:]:
-        per_task, mean = paired_difference(load(path), first)  # raises on other items
+        per_task, mean = paired_difference(load(str(path)), first)  # raises on other items
         assert set(per_task) == set(first.requested), path.name
         assert mean.n == sum(len(first.items[t]["score"]) for t in first.requested)
 
@@ -42,7 +41,7 @@ def test_results_in_a_folder_pair_item_by_item(folder):
     "path", sorted(ITEMS.glob("*/*.json")), ids=lambda p: f"{p.parent.name}/{p.name}"
 )
 def test_stored_means_match_the_items(path):
-    result = load(path)
+    result = load(str(path))
     means = [
         sum(result.items[t]["score"]) / len(result.items[t]["score"]) for t in result.requested
     ]
