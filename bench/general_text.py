@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 PACKAGE = "sentencepiece==0.2.3"
@@ -52,19 +53,27 @@ def fetch_book() -> str:
             return member.read().decode("utf-8")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_text_cli(doc: str, produce: Callable[[], str]) -> None:
+    """Parse ``output [--overwrite]`` and write ``produce()`` there (temporary file, renamed).
+
+    An existing output is kept unless ``--overwrite``; the word count is printed.
+    """
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("output", type=Path, help="text file to write")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()
     if args.output.exists() and not args.overwrite:
         raise SystemExit(f"{args.output} exists; pass --overwrite to replace it")
-    text = body(fetch_book())
+    text = produce()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_name(args.output.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, args.output)
     print(f"{args.output}: {len(text.split()):,} words")
+
+
+def main() -> None:
+    write_text_cli(__doc__, lambda: body(fetch_book()))
 
 
 if __name__ == "__main__":

