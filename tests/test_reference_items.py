@@ -1,7 +1,8 @@
 """The reference per-item results in bench/items/ load and pair with each other.
 
-Each folder's files must be comparable item by item with bench/compare_items.py (same tasks,
-same items), and each file's stored task means must agree with its per-item scores.
+Within a folder, the files of one model and target must be comparable item by item with
+bench/compare_items.py (same tasks, same items), and each file's stored task means must agree
+with its per-item scores.
 """
 
 from __future__ import annotations
@@ -27,9 +28,18 @@ def test_both_folders_hold_results():
         assert len(list(folder.glob("*.json"))) >= 2, folder
 
 
-@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
-def test_results_in_a_folder_pair_item_by_item(folder):
-    files = sorted(folder.glob("*.json"))
+def groups() -> list[list[Path]]:
+    """The files of each folder grouped by model and target (the name before ``__``)."""
+    found: dict[tuple[str, str], list[Path]] = {}
+    for path in sorted(ITEMS.glob("*/*.json")):
+        found.setdefault((path.parent.name, path.name.split("__")[0]), []).append(path)
+    return list(found.values())
+
+
+@pytest.mark.parametrize(
+    "files", groups(), ids=lambda g: f"{g[0].parent.name}/{g[0].name.split('__')[0]}"
+)
+def test_results_of_one_model_pair_item_by_item(files):
     first = load(str(files[0]))
     for path in files[1:]:
         per_task, mean = paired_difference(load(str(path)), first)  # raises on other items
