@@ -28,18 +28,17 @@ def test_both_folders_hold_results():
         assert len(list(folder.glob("*.json"))) >= 2, folder
 
 
-def groups() -> list[list[Path]]:
-    """The files of each folder grouped by model and target (the name before ``__``)."""
-    found: dict[tuple[str, str], list[Path]] = {}
+def groups() -> dict[str, list[Path]]:
+    """The files of each folder by model and target (``folder/<name before __>``)."""
+    found: dict[str, list[Path]] = {}
     for path in sorted(ITEMS.glob("*/*.json")):
-        found.setdefault((path.parent.name, path.name.split("__")[0]), []).append(path)
-    return list(found.values())
+        found.setdefault(f"{path.parent.name}/{path.name.split('__')[0]}", []).append(path)
+    return found
 
 
-@pytest.mark.parametrize(
-    "files", groups(), ids=lambda g: f"{g[0].parent.name}/{g[0].name.split('__')[0]}"
-)
+@pytest.mark.parametrize("files", list(groups().values()), ids=list(groups()))
 def test_results_of_one_model_pair_item_by_item(files):
+    assert len(files) >= 2, f"{files[0]}: a reference row with nothing to pair with"
     first = load(str(files[0]))
     for path in files[1:]:
         per_task, mean = paired_difference(load(str(path)), first)  # raises on other items
