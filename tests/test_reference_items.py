@@ -36,7 +36,10 @@ def groups() -> dict[str, list[Path]]:
     return found
 
 
-@pytest.mark.parametrize("files", list(groups().values()), ids=list(groups()))
+GROUPS = groups()
+
+
+@pytest.mark.parametrize("files", list(GROUPS.values()), ids=list(GROUPS))
 def test_results_of_one_model_pair_item_by_item(files):
     assert len(files) >= 2, f"{files[0]}: a reference row with nothing to pair with"
     first = load(str(files[0]))
