@@ -52,6 +52,7 @@ from gqa_prune.data import (
     tokenize_text,
 )
 from gqa_prune.evaluation.perplexity import evaluate_perplexity
+from gqa_prune.evaluation.tasks import SUITE
 from gqa_prune.evaluation.zeroshot import format_zeroshot_table
 from gqa_prune.io_utils import write_json_atomic
 from gqa_prune.models.adapters import get_adapter
@@ -100,10 +101,19 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _typed(hint: Any, default: Any, value: str) -> Any:
     """``value`` converted like the field: its default's type, else the first of ``int``,
     ``float`` in its annotation (``int | None`` fields such as ``layer_start``); ``none``
-    gives None for an optional field."""
+    gives None for an optional field; a bool takes true/false, 1/0 or yes/no (``bool("0")``
+    would be True)."""
+    if isinstance(default, bool):
+        word = value.lower()
+        if word not in BOOL_WORDS:
+            raise SystemExit(f"'{value}' is not a boolean: use true or false")
+        return BOOL_WORDS[word]
     if default is not None:
         return type(default)(value)
     args = typing.get_args(hint)
@@ -224,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zeroshot_limit", type=int, default=100, help="items per task (0 = off)")
     p.add_argument("--zeroshot_batch_size", type=int, default=8)
     p.add_argument(
+        "--zeroshot_suite",
+        default=SUITE,
+        help=f"the tasks: {SUITE} (all six on test, the three with a validation split on "
+        "validation) or a comma-separated list of their names, e.g. without boolq",
+    )
+    p.add_argument(
         "--zeroshot_tasks", action="store_true", help="also print each row's per-task table"
     )
     p.add_argument("--validation_fraction", type=float, default=0.1)
@@ -255,6 +271,7 @@ def main() -> None:
             args.data_dir,
             args.zeroshot_batch_size,
             log_samples=bool(args.save_items),
+            tasks=args.zeroshot_suite,
         )
     elif args.save_items:
         p.error("--save_items needs a zero-shot column: set --zeroshot_limit N")

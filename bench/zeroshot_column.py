@@ -70,10 +70,12 @@ class ZeroShotColumn:
         data_dir: str | None = None,
         batch_size: int = 8,
         log_samples: bool = False,
+        tasks: str = SUITE,
     ) -> ZeroShotColumn:
-        """Resolve the tasks (local files under ``<data_dir>/zeroshot``) and check them."""
+        """Resolve the tasks (local files under ``<data_dir>/zeroshot``) and check them;
+        ``tasks`` is the suite or a comma-separated list of its task names."""
         selection = prepare_tasks(
-            SUITE, split=split, data_dir=data_dir or os.environ.get("GQA_PRUNE_DATA_DIR")
+            tasks, split=split, data_dir=data_dir or os.environ.get("GQA_PRUNE_DATA_DIR")
         )
         return cls(selection, limit, batch_size, log_samples)
 

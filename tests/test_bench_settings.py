@@ -31,3 +31,25 @@ def test_method_presets_with_overrides():
     assert got["layer_start"] == 2 and got["compensation_target"] == "0.25"
     with pytest.raises(SystemExit, match="unknown RunConfig setting"):
         parse_settings(["no_such_setting=1"])
+
+
+def test_booleans_parse_false_as_false():
+    # bool("0") and bool("false") are True: the flag must not flip on by its negation
+    assert parse_settings(["allow_attention_removal=false"]) == {"allow_attention_removal": False}
+    assert parse_settings(["allow_attention_removal=0"]) == {"allow_attention_removal": False}
+    assert parse_settings(["allow_attention_removal=True"]) == {"allow_attention_removal": True}
+    with pytest.raises(SystemExit, match="not a boolean"):
+        parse_settings(["allow_attention_removal=maybe"])
+
+
+def test_zeroshot_suite_reaches_the_task_resolver(monkeypatch):
+    import zeroshot_column
+    from bench_quality import build_parser
+
+    seen = []
+    monkeypatch.setattr(zeroshot_column, "prepare_tasks", lambda t, **kw: seen.append(t))
+    args = build_parser().parse_args(["--zeroshot_suite", "piqa,arc_easy"])
+    zeroshot_column.ZeroShotColumn.create(10, "test", "/data", tasks=args.zeroshot_suite)
+    zeroshot_column.ZeroShotColumn.create(10, "test", "/data")
+    assert seen == ["piqa,arc_easy", "zeroshot6"]
+    assert build_parser().parse_args([]).zeroshot_suite == "zeroshot6"
