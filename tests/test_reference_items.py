@@ -22,8 +22,8 @@ ITEMS = BENCH / "items"
 FOLDERS = sorted(p for p in ITEMS.iterdir() if p.is_dir())
 
 
-def test_both_folders_hold_results():
-    assert [p.name for p in FOLDERS] == ["test", "validation"]
+def test_every_folder_holds_results():
+    assert [p.name for p in FOLDERS] == ["test", "test-all", "validation"]
     for folder in FOLDERS:
         assert len(list(folder.glob("*.json"))) >= 2, folder
 
@@ -58,3 +58,20 @@ def test_stored_means_match_the_items(path):
         sum(result.items[t]["score"]) / len(result.items[t]["score"]) for t in result.requested
     ]
     assert result.mean_score == pytest.approx(sum(means) / len(means), abs=1e-9)
+
+
+@pytest.mark.parametrize("path", sorted((ITEMS / "test-all").glob("*.json")), ids=lambda p: p.name)
+def test_all_items_start_with_the_first_500(path):
+    """A run on every test item scores its first items as the 500-item run did (the
+    pipeline and the evaluation are deterministic; log-probs move only with batching)."""
+    short = ITEMS / "test" / path.name
+    assert short.is_file(), f"{path.name}: no 500-item row to check it against"
+    full, first = load(str(path)), load(str(short))
+    for task in full.requested:
+        mine, theirs = full.items[task], first.items[task]
+        score = dict(zip(mine["doc_id"], mine["score"]))
+        logprob = dict(zip(mine["doc_id"], mine["logprob"]))
+        assert len(mine["doc_id"]) > len(theirs["doc_id"]) or task == "openbookqa", task
+        for doc, s, lp in zip(theirs["doc_id"], theirs["score"], theirs["logprob"]):
+            assert score[doc] == s, (task, doc)
+            assert logprob[doc] == pytest.approx(lp, abs=1e-3), (task, doc)
