@@ -71,7 +71,7 @@ def test_all_items_start_with_the_first_500(path):
         mine, theirs = full.items[task], first.items[task]
         score = dict(zip(mine["doc_id"], mine["score"]))
         logprob = dict(zip(mine["doc_id"], mine["logprob"]))
-        assert len(mine["doc_id"]) > len(theirs["doc_id"]) or task == "openbookqa", task
+        assert len(mine["doc_id"]) >= len(theirs["doc_id"]), task
         for doc, s, lp in zip(theirs["doc_id"], theirs["score"], theirs["logprob"]):
             assert score[doc] == s, (task, doc)
             assert logprob[doc] == pytest.approx(lp, abs=1e-3), (task, doc)
