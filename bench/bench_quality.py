@@ -182,7 +182,9 @@ def prune_like_the_cli(
     ids = sample_calibration(tokens, c.channel_importance_samples, seq, c.seed, bos)
     comp_ids = None
     if c.compensation != "none":
-        comp_ids = sample_calibration(tokens, c.compensation_samples, seq, c.seed + 2, bos)
+        comp_ids = sample_calibration(
+            tokens, c.compensation_samples, c.compensation_seq_len, c.seed + 2, bos
+        )
     prune_model_(
         model,
         ids,

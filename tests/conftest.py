@@ -221,6 +221,8 @@ def tiny_args(run, *extra):
         "2",
         "--taylor_seq_len",
         "32",
+        "--compensation_seq_len",
+        "32",
         "--eval_seq_len",
         "32",
         "--eval_max_windows",

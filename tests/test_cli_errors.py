@@ -51,6 +51,13 @@ def _empty_file(tmp_path):
     return str(path)
 
 
+def _short_text(tmp_path):
+    """About 120 characters: enough for the 32-token windows, not for 200."""
+    path = tmp_path / "short.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 3)
+    return str(path)
+
+
 def _under_a_file(tmp_path):
     path = tmp_path / "a_file"
     path.write_text("not a folder")
@@ -243,6 +250,17 @@ CASES = [
     ("unknown_strategy", ["--pruning_strategy", "greedy"], "invalid choice"),
     ("negative_samples", ["--channel_importance_samples", "-1"], "positive"),
     ("negative_layer_samples", ["--layer_importance_samples", "0"], "positive"),
+    ("compensation_seq_len_one", ["--compensation_seq_len", "1"], "--compensation_seq_len"),
+    (
+        "compensation_seq_len_above_model_max",
+        ["--compensation_seq_len", "4096"],
+        "--compensation_seq_len 4096 exceeds",
+    ),
+    (
+        "compensation_windows_longer_than_text",
+        lambda r, t: ["--calibration_dataset", _short_text(t), "--compensation_seq_len", "200"],
+        "fewer than seq_len=200",
+    ),
     ("bad_log_name", ["--save_ckpt_log_name", "a/b"], "plain folder name"),
     *DAMAGED,
 ]

@@ -1,6 +1,7 @@
 """Compensation: ridge refit / FLAP bias of the projections that read a pruned dimension."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -301,6 +302,41 @@ def test_cli_runs_with_compensation_and_the_checkpoint_reloads(tiny_run, compens
     model, _ = load_pruned(tiny_run["logs"] / "c" / "model", device="cpu")
     o_proj = model.model.layers[0].self_attn.o_proj
     assert (o_proj.bias is not None) == (compensation == "bias")
+
+
+def test_cli_draws_the_compensation_windows_at_their_own_length(tiny_run, monkeypatch):
+    """--compensation_seq_len sets the refit's windows; the other passes keep --taylor_seq_len."""
+    import gqa_prune.runner as runner
+
+    drawn, given = [], {}
+    real_sample, real_prune = runner.sample_calibration, runner.prune_model_
+
+    def sample(tokens, n, seq_len, seed, bos=None):
+        drawn.append((n, seq_len, seed))
+        return real_sample(tokens, n, seq_len, seed, bos)
+
+    def prune(model, ids, *args, **kwargs):
+        given["calibration"], given["compensation"] = ids.shape, kwargs["compensation_ids"].shape
+        return real_prune(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "sample_calibration", sample)
+    monkeypatch.setattr(runner, "prune_model_", prune)
+    argv = tiny_args(
+        tiny_run,
+        "--prune_mlp",
+        "--save_ckpt_log_name",
+        "w",
+        "--compensation_samples",
+        "3",
+        "--compensation_seq_len",
+        "48",
+    )
+    assert main(argv) == 0
+    assert given == {"calibration": (2, 32), "compensation": (3, 48)}
+    assert (3, 48, 44) in drawn  # seed + 2, as before the option
+    assert {seq for _, seq, seed in drawn if seed != 44} == {32}
+    summary = json.loads((tiny_run["logs"] / "w" / "summary.json").read_text())
+    assert summary["method"]["compensation_windows"] == [3, 48]
 
 
 def test_cli_refuses_an_unknown_compensation(tiny_run, capsys):

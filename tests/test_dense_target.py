@@ -467,3 +467,22 @@ def test_streaming_memory_estimate_counts_repair_dense_targets_and_no_gradients(
     # repair in layer mode needs no backward: smaller activations than Taylor scoring
     assert repair.activations < score.activations
     assert largest(selection="repair", mode="global").activations == score.activations
+
+
+def test_streaming_memory_estimate_counts_the_longer_compensation_windows():
+    from gqa_prune.streaming.pipeline import plan_memory
+
+    model = tiny_model()
+    same = plan_memory(model, 2, 16, "taylor", "lstsq", selection="repair").largest
+    longer = plan_memory(
+        model, 2, 16, "taylor", "lstsq", selection="repair", compensation_seq_len=64
+    ).largest
+    # the refit's windows run through each layer: activations and attention scores grow
+    assert longer.activations > same.activations
+    assert longer.working == same.working  # the Gram matrices do not depend on the length
+    shorter = plan_memory(
+        model, 2, 16, "taylor", "lstsq", selection="repair", compensation_seq_len=8
+    ).largest
+    assert shorter == same  # the scoring windows stay the bound
+    none = plan_memory(model, 2, 16, "taylor", "none", compensation_seq_len=64).largest
+    assert none == plan_memory(model, 2, 16, "taylor", "none").largest

@@ -45,6 +45,7 @@ def test_search_equals_direct_pruning_and_picks_the_best(selection, target):
         eval_max_windows=6,
         compensation="lstsq",
         compensation_samples=2,
+        compensation_seq_len=24,
         selection=selection,
         compensation_target=target,
         seed=3,
@@ -57,7 +58,7 @@ def test_search_equals_direct_pruning_and_picks_the_best(selection, target):
     calib_tokens, val_tokens = split_validation(tokenize_text(tok, TEXT), 0.2)
     assert result.validation["first_token"] == calib_tokens.numel()
     calibration = sample_calibration(calib_tokens, 2, 32, seed=3)
-    compensation = sample_calibration(calib_tokens, 2, 32, seed=5)  # seed + 2, as gqa-prune
+    compensation = sample_calibration(calib_tokens, 2, 24, seed=5)  # seed + 2, as gqa-prune
     direct = []
     for dist in SPLITS:
         copy_ = copy.deepcopy(model)

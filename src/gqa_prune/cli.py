@@ -225,7 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--compensation_samples",
         type=int,
         default=d.compensation_samples,
-        help="calibration sequences (of --taylor_seq_len tokens) for compensation",
+        help="calibration sequences (of --compensation_seq_len tokens) for compensation",
+    )
+    g.add_argument(
+        "--compensation_seq_len",
+        type=int,
+        default=d.compensation_seq_len,
+        help="tokens per compensation sequence",
     )
     g.add_argument(
         "--compensation_damp",

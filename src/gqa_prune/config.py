@@ -90,6 +90,8 @@ class RunConfig:
     sensitivity_weights: str = "stream"
     compensation: str = "lstsq"
     compensation_samples: int = 64
+    # tokens per compensation window (the layer analysis and unit scores use taylor_seq_len)
+    compensation_seq_len: int = 128
     compensation_damp: float = DEFAULT_DAMP
     # auto = repair with lstsq compensation (the measured winner), else score
     selection: str = "auto"
@@ -210,7 +212,7 @@ class RunConfig:
                 raise GQAPruneError(
                     f"--{name} must be a positive number, got {getattr(self, name)}"
                 )
-        for name in ("taylor_seq_len", "eval_seq_len"):
+        for name in ("taylor_seq_len", "eval_seq_len", "compensation_seq_len"):
             if getattr(self, name) < 2:
                 raise GQAPruneError(f"--{name} must be at least 2, got {getattr(self, name)}")
         if self.eval_max_windows is not None and self.eval_max_windows <= 0:

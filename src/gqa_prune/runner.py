@@ -211,6 +211,12 @@ def build_summary(
             "selection": config.selection,
             "importance": config.importance if outcome_scored(config) else None,
             "compensation": config.compensation,
+            # windows x tokens of the refit's statistics (None without a refit)
+            "compensation_windows": (
+                [config.compensation_samples, config.compensation_seq_len]
+                if config.compensation != "none"
+                else None
+            ),
             "compensation_target": config.compensation_target,
             "compensation_target_norm": (  # only a dense or blended target has one
                 config.compensation_target_norm
@@ -280,6 +286,7 @@ class ExperimentRun:
         self.speed: dict[str, SpeedResult] = {}
         self.finetune_record: dict[str, Any] | None = None
         self.eval_tokens: torch.Tensor | None = None
+        self.compensation_ids: torch.Tensor | None = None  # the refit's windows (load)
         self.bos: int | None = None  # BOS put in front of every window (Gemma), or None
         self.importance: LayerImportance | None = None  # None: not needed (sensitivity)
 
@@ -302,6 +309,16 @@ class ExperimentRun:
             check_layer_settings(config, len(adapter.decoder_layers(self.model)))
         self.memory.mark("load")
 
+        max_pos = getattr(self.model.config, "max_position_embeddings", None)
+        lengths = ["taylor_seq_len"] + (["compensation_seq_len"] * (config.compensation != "none"))
+        if config.test_original_ppl or config.test_after_prune:
+            lengths.append("eval_seq_len")
+        for name in lengths:
+            if max_pos is not None and getattr(config, name) > max_pos:
+                raise GQAPruneError(
+                    f"--{name} {getattr(config, name)} exceeds the model's maximum of "
+                    f"{max_pos} positions; use {max_pos} or less"
+                )
         calib_text = load_text(config.calibration_dataset, "calibration", config.data_dir)
         self.calib_tokens = tokenize_text(self.tokenizer, calib_text)
         # windows start with BOS where the tokenizer adds one (Gemma), as the model sees text
@@ -313,15 +330,17 @@ class ExperimentRun:
             config.seed,
             self.bos,
         )
+        if config.compensation != "none":  # drawn now: a text too short is refused early
+            self.compensation_ids = sample_calibration(
+                self.calib_tokens,
+                config.compensation_samples,
+                config.compensation_seq_len,
+                config.seed + 2,
+                self.bos,
+            )
         if config.test_original_ppl or config.test_after_prune:
             eval_text = load_text(config.eval_dataset, "eval", config.data_dir)
             self.eval_tokens = tokenize_text(self.tokenizer, eval_text)
-            max_pos = getattr(self.model.config, "max_position_embeddings", None)
-            if max_pos is not None and config.eval_seq_len > max_pos:
-                raise GQAPruneError(
-                    f"--eval_seq_len {config.eval_seq_len} exceeds the model's maximum of "
-                    f"{max_pos} positions; use {max_pos} or less"
-                )
         self.given_importance = None
         if config.skip_importance_analysis:
             self.given_importance = load_layer_importance(
@@ -421,15 +440,6 @@ class ExperimentRun:
 
     def prune(self) -> None:
         config = self.config
-        compensation_ids = None
-        if config.compensation != "none":
-            compensation_ids = sample_calibration(
-                self.calib_tokens,
-                config.compensation_samples,
-                config.taylor_seq_len,
-                config.seed + 2,
-                self.bos,
-            )
         with self.step("prune"):
             if self.attention_fixed:
                 log.warning(
@@ -448,7 +458,7 @@ class ExperimentRun:
                 batch_size=config.taylor_batch_size,
                 seed=config.seed,
                 compensation=config.compensation,
-                compensation_ids=compensation_ids,
+                compensation_ids=self.compensation_ids,
                 compensation_damp=config.compensation_damp,
                 streaming=self.streamer,
                 selection=config.selection,

@@ -153,6 +153,7 @@ class SearchConfig:
         eval_batch_size: windows per perplexity forward.
         compensation: ``none``, ``lstsq`` or ``bias`` (see ``gqa_prune.compensation``).
         compensation_samples: calibration windows of the compensation.
+        compensation_seq_len: tokens per compensation window.
         compensation_damp: ridge strength of ``lstsq``.
         selection: ``score`` or ``repair`` (which units go; see ``gqa_prune.compensation``).
         compensation_target: ``local``, ``dense`` or a blend ``"0.25"`` (what the ``lstsq``
@@ -186,6 +187,7 @@ class SearchConfig:
     eval_batch_size: int = 8
     compensation: str = "lstsq"
     compensation_samples: int = 64
+    compensation_seq_len: int = 128
     compensation_damp: float = DEFAULT_DAMP
     selection: str = "score"
     compensation_target: str = DEFAULT_TARGET
@@ -367,7 +369,9 @@ def _shared_inputs(
     )
     comp = None
     if c.compensation != "none":
-        comp = sample_calibration(calib, c.compensation_samples, c.seq_len, c.seed + 2, bos)
+        comp = sample_calibration(
+            calib, c.compensation_samples, c.compensation_seq_len, c.seed + 2, bos
+        )
     return _Shared(tuple(importance.scores), importance.method, scores, comp)
 
 

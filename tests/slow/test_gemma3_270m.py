@@ -56,6 +56,8 @@ def test_gemma3_270m_prunes_reloads_and_keeps_a_sane_perplexity(gemma_prereqs, t
             "8",
             "--taylor_seq_len",
             "64",
+            "--compensation_seq_len",
+            "64",
             "--eval_max_windows",
             "4",
             "--device",

@@ -27,6 +27,8 @@ def test_smollm2_25_percent_end_to_end(real_prereqs, tmp_path, capsys):
             "4",
             "--taylor_seq_len",
             "64",
+            "--compensation_seq_len",
+            "64",
             "--eval_max_windows",
             "4",
             "--log_root",

@@ -169,6 +169,7 @@ def estimate_memory(
     selection: str = "score",
     target: str = "local",
     calibration_tokens: int = 0,
+    compensation_seq_len: int = 0,
 ) -> MemoryPlan:
     """Upper-bound estimate of the compute-device memory of a streaming run.
 
@@ -191,8 +192,12 @@ def estimate_memory(
             block outputs; the dense stream and targets with ``dense``) rest on the host:
             counted where that is the compute device's memory (in memory, and CPU streaming
             with the layers in RAM).
+        compensation_seq_len: tokens per compensation window, when they differ from
+            ``seq_len``: a layer's activations count the longer of the two (0 = ``seq_len``).
     """
     tokens = batch_size * seq_len
+    layer_seq = max(seq_len, compensation_seq_len) if compensation != "none" else seq_len
+    layer_tokens = batch_size * layer_seq
     # logits in the model dtype and fp32 (+ their gradient for Taylor)
     logits = tokens * vocab * (dtype_bytes + 4 + (4 if needs_grad else 0))
     weights = [module_bytes(layer) for layer in layers]
@@ -207,8 +212,8 @@ def estimate_memory(
         widest_all = max(widest_all, widest)
         # one batch through the layer: in/out/grad boundary states, q/k/v/o and the MLP
         # intermediates (kept for backward), and eager attention scores as an upper bound
-        acts = tokens * (8 * hidden + 4 * widest) * dtype_bytes
-        acts += batch_size * num_heads * seq_len * seq_len * 4
+        acts = layer_tokens * (8 * hidden + 4 * widest) * dtype_bytes
+        acts += batch_size * num_heads * layer_seq * layer_seq * 4
         if needs_grad:
             acts *= 2
         # fp32 element scores of a block (three projections' worth, and their concat)

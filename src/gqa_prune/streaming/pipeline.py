@@ -44,6 +44,7 @@ def plan_memory(
     mode: str = "layer",
     calibration_tokens: int = 0,
     sensitivity_weights: str = "stream",
+    compensation_seq_len: int = 0,
 ) -> MemoryPlan:
     """Estimate the compute-device memory of pruning ``model`` (an upper bound).
 
@@ -56,6 +57,7 @@ def plan_memory(
         selection, target, mode: ``repair`` selection in ``layer`` mode computes no unit
             scores (no gradients); ``repair`` and ``dense`` targets hold more per layer.
         calibration_tokens: compensation samples x length (see ``estimate_memory``).
+        compensation_seq_len: tokens per compensation window (0 = ``seq_len``).
     """
     config: Any = model.config
     layers = list(get_adapter(model).decoder_layers(model))
@@ -78,6 +80,7 @@ def plan_memory(
         selection="repair" if mode == "sensitivity" else selection,
         target=target,
         calibration_tokens=calibration_tokens,
+        compensation_seq_len=compensation_seq_len,
     )
 
 
@@ -92,6 +95,7 @@ def check_streaming_memory(
     mode: str = "layer",
     calibration_tokens: int = 0,
     sensitivity_weights: str = "stream",
+    compensation_seq_len: int = 0,
 ) -> MemoryPlan:
     """Raise a GQAPruneError if one layer plus the resident modules exceed ``max_memory``."""
     plan = plan_memory(
@@ -106,6 +110,7 @@ def check_streaming_memory(
         mode,
         calibration_tokens,
         sensitivity_weights,
+        compensation_seq_len,
     )
     advice = "raise --max_memory, lower --taylor_batch_size"
     if streamer.layers_in_device_memory:

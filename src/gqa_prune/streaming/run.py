@@ -71,7 +71,8 @@ def load_for_run(config: Any) -> tuple[Any, Any, LayerStreamer | None]:
         target=config.compensation_target,
         mode=config.pruning_mode,
         sensitivity_weights=config.sensitivity_weights,
-        calibration_tokens=config.compensation_samples * config.taylor_seq_len,
+        calibration_tokens=config.compensation_samples * config.compensation_seq_len,
+        compensation_seq_len=config.compensation_seq_len,
     )
     if config.offload_dir is not None:
         check_streaming_options(config)
