@@ -52,7 +52,7 @@ def _empty_file(tmp_path):
 
 
 def _short_text(tmp_path):
-    """About 120 characters: enough for the 32-token windows, not for 200."""
+    """135 characters (one token each): enough for the 32-token windows, not for 200."""
     path = tmp_path / "short.txt"
     path.write_text("the quick brown fox jumps over the lazy dog. " * 3)
     return str(path)
