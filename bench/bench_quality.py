@@ -46,6 +46,7 @@ from gqa_prune.analysis import compute_layer_importance
 from gqa_prune.config import RunConfig
 from gqa_prune.data import (
     bos_prefix,
+    compensation_windows,
     load_text,
     sample_calibration,
     source_list,
@@ -182,8 +183,8 @@ def prune_like_the_cli(
     ids = sample_calibration(tokens, c.channel_importance_samples, seq, c.seed, bos)
     comp_ids = None
     if c.compensation != "none":
-        comp_ids = sample_calibration(
-            tokens, c.compensation_samples, c.compensation_seq_len, c.seed + 2, bos
+        comp_ids = compensation_windows(
+            tokens, c.compensation_samples, c.compensation_seq_len, c.seed, bos
         )
     prune_model_(
         model,

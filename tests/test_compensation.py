@@ -306,6 +306,7 @@ def test_cli_runs_with_compensation_and_the_checkpoint_reloads(tiny_run, compens
 
 def test_cli_draws_the_compensation_windows_at_their_own_length(tiny_run, monkeypatch):
     """--compensation_seq_len sets the refit's windows; the other passes keep --taylor_seq_len."""
+    import gqa_prune.data as data
     import gqa_prune.runner as runner
 
     drawn, given = [], {}
@@ -320,6 +321,7 @@ def test_cli_draws_the_compensation_windows_at_their_own_length(tiny_run, monkey
         return real_prune(model, ids, *args, **kwargs)
 
     monkeypatch.setattr(runner, "sample_calibration", sample)
+    monkeypatch.setattr(data, "sample_calibration", sample)  # under compensation_windows
     monkeypatch.setattr(runner, "prune_model_", prune)
     argv = tiny_args(
         tiny_run,

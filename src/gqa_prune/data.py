@@ -272,3 +272,16 @@ def sample_calibration(
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seq_len, (num_samples,), generator=gen)
     return with_bos(torch.stack([tokens[s : s + span] for s in starts.tolist()]), bos_token_id)
+
+
+def compensation_windows(
+    tokens: torch.Tensor,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+    bos_token_id: int | None = None,
+) -> torch.Tensor:
+    """The refit's calibration windows: :func:`sample_calibration` at ``seed + 2`` (the unit
+    scores draw at ``seed``, the layer analysis at ``seed + 1``), the same draw for every
+    entry point (CLI, split search, benchmarks)."""
+    return sample_calibration(tokens, num_samples, seq_len, seed + 2, bos_token_id)

@@ -24,7 +24,13 @@ from gqa_prune.analysis import (
 )
 from gqa_prune.compensation import target_blend
 from gqa_prune.config import RunConfig
-from gqa_prune.data import bos_prefix, load_text, sample_calibration, tokenize_text
+from gqa_prune.data import (
+    bos_prefix,
+    compensation_windows,
+    load_text,
+    sample_calibration,
+    tokenize_text,
+)
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.efficiency import SpeedResult, measure_speed, speedup
 from gqa_prune.evaluation.perplexity import PerplexityResult, evaluate_perplexity
@@ -310,7 +316,9 @@ class ExperimentRun:
         self.memory.mark("load")
 
         max_pos = getattr(self.model.config, "max_position_embeddings", None)
-        lengths = ["taylor_seq_len"] + (["compensation_seq_len"] * (config.compensation != "none"))
+        lengths = ["taylor_seq_len"]
+        if config.compensation != "none":
+            lengths.append("compensation_seq_len")
         if config.test_original_ppl or config.test_after_prune:
             lengths.append("eval_seq_len")
         for name in lengths:
@@ -331,11 +339,11 @@ class ExperimentRun:
             self.bos,
         )
         if config.compensation != "none":  # drawn now: a text too short is refused early
-            self.compensation_ids = sample_calibration(
+            self.compensation_ids = compensation_windows(
                 self.calib_tokens,
                 config.compensation_samples,
                 config.compensation_seq_len,
-                config.seed + 2,
+                config.seed,
                 self.bos,
             )
         if config.test_original_ppl or config.test_after_prune:

@@ -52,7 +52,7 @@ from gqa_prune.compensation import (
     check_selection,
     prune_sequential_,
 )
-from gqa_prune.data import bos_prefix, sample_calibration, tokenize_text
+from gqa_prune.data import bos_prefix, compensation_windows, sample_calibration, tokenize_text
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.perplexity import evaluate_perplexity
 from gqa_prune.evaluation.tasks import SUITE
@@ -369,8 +369,8 @@ def _shared_inputs(
     )
     comp = None
     if c.compensation != "none":
-        comp = sample_calibration(
-            calib, c.compensation_samples, c.compensation_seq_len, c.seed + 2, bos
+        comp = compensation_windows(
+            calib, c.compensation_samples, c.compensation_seq_len, c.seed, bos
         )
     return _Shared(tuple(importance.scores), importance.method, scores, comp)
 
