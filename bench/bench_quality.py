@@ -6,7 +6,8 @@ load and evaluation excluded) and prints:
 
 - the zero-shot mean (acc_norm; acc for BoolQ and WinoGrande) over the standard tasks, on the
   first ``--zeroshot_limit`` items of each;
-- WikiText-2 perplexity on the first ``--eval_windows`` windows of 128;
+- WikiText-2 perplexity on the first ``--eval_windows`` windows of 128 tokens (of
+  ``--eval_seq_len`` tokens when given: does a setting's perplexity hold at longer context?);
 - prune seconds, and their ratio to ONE forward+backward pass over 32 x 128 calibration
   tokens (batch 4) measured in the same process: LLM-Pruner's cost. CPU seconds are noisy on
   a shared machine; the ratio is the figure to quote.
@@ -234,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="v0,default")
     p.add_argument("--split", choices=["validation", "test"], default="validation")
     p.add_argument("--eval_windows", type=int, default=200, help="perplexity windows of 128")
+    p.add_argument(
+        "--eval_seq_len",
+        type=int,
+        default=None,
+        help="tokens per perplexity window (default: 128, the calibration windows' length)",
+    )
     p.add_argument("--zeroshot_limit", type=int, default=100, help="items per task (0 = off)")
     p.add_argument("--zeroshot_batch_size", type=int, default=8)
     p.add_argument(
@@ -301,6 +308,7 @@ def main() -> None:
         else:
             eval_tokens = tokenize_text(tok, load_text("wikitext2", "eval", args.data_dir))
         base = base_config(spec, extra)
+        eval_len = args.eval_seq_len or base.taylor_seq_len
         ref_ids = sample_calibration(calib_tokens, 32, base.taylor_seq_len, 0, bos)
         reference_seconds(dense, ref_ids[:4], base.taylor_batch_size)  # warm-up
         ref = reference_seconds(dense, ref_ids, base.taylor_batch_size)
@@ -310,7 +318,7 @@ def main() -> None:
             ppl = evaluate_perplexity(
                 model,
                 eval_tokens,  # noqa: B023 - evaluated within the iteration
-                base.taylor_seq_len,  # noqa: B023
+                eval_len,  # noqa: B023
                 args.eval_windows,
                 progress=False,
                 bos_token_id=bos,  # noqa: B023
@@ -363,7 +371,8 @@ def main() -> None:
         else "wikitext-2 test"
     )
     print(
-        f"\nsplit {args.split}: perplexity on the first {args.eval_windows} windows of 128 of "
+        f"\nsplit {args.split}: perplexity on the first {args.eval_windows} windows of "
+        f"{args.eval_seq_len or RunConfig().taylor_seq_len} tokens of "
         f"{ppl_where}; {zs}; prune time vs one forward+backward over 32 x 128 tokens; "
         f"{torch.get_num_threads()} threads\n"
     )
