@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--methods", default="v0,default")
     p.add_argument("--split", choices=["validation", "test"], default="validation")
-    p.add_argument("--eval_windows", type=int, default=200, help="perplexity windows of 128")
+    p.add_argument("--eval_windows", type=int, default=200, help="perplexity windows")
     p.add_argument(
         "--eval_seq_len",
         type=int,
@@ -297,6 +297,8 @@ def main() -> None:
         if taken:
             p.error(f"--save_items: {taken[0]} exists; choose another folder or remove it")
     rows: list[tuple[str, ...]] = []
+    # perplexity windows: --eval_seq_len, else the calibration windows' length (128)
+    eval_len = args.eval_seq_len or base_config(args.targets.split(",")[0], extra).taylor_seq_len
     for spec in args.targets.split(","):
         name, basis, ratio = spec.split(":")
         dense, tok = load_model(name, device="cpu")
@@ -308,7 +310,6 @@ def main() -> None:
         else:
             eval_tokens = tokenize_text(tok, load_text("wikitext2", "eval", args.data_dir))
         base = base_config(spec, extra)
-        eval_len = args.eval_seq_len or base.taylor_seq_len
         ref_ids = sample_calibration(calib_tokens, 32, base.taylor_seq_len, 0, bos)
         reference_seconds(dense, ref_ids[:4], base.taylor_batch_size)  # warm-up
         ref = reference_seconds(dense, ref_ids, base.taylor_batch_size)
@@ -318,7 +319,7 @@ def main() -> None:
             ppl = evaluate_perplexity(
                 model,
                 eval_tokens,  # noqa: B023 - evaluated within the iteration
-                eval_len,  # noqa: B023
+                eval_len,
                 args.eval_windows,
                 progress=False,
                 bos_token_id=bos,  # noqa: B023
@@ -372,7 +373,7 @@ def main() -> None:
     )
     print(
         f"\nsplit {args.split}: perplexity on the first {args.eval_windows} windows of "
-        f"{args.eval_seq_len or RunConfig().taylor_seq_len} tokens of "
+        f"{eval_len} tokens of "
         f"{ppl_where}; {zs}; prune time vs one forward+backward over 32 x 128 tokens; "
         f"{torch.get_num_threads()} threads\n"
     )
