@@ -6,8 +6,8 @@ load and evaluation excluded) and prints:
 
 - the zero-shot mean (acc_norm; acc for BoolQ and WinoGrande) over the standard tasks, on the
   first ``--zeroshot_limit`` items of each;
-- WikiText-2 perplexity on the first ``--eval_windows`` windows of 128 tokens (of
-  ``--eval_seq_len`` tokens when given: does a setting's perplexity hold at longer context?);
+- WikiText-2 perplexity on the first ``--eval_windows`` windows of ``--eval_seq_len``
+  tokens (128; longer ones ask whether a setting's perplexity holds at longer context);
 - prune seconds, and their ratio to ONE forward+backward pass over 32 x 128 calibration
   tokens (batch 4) measured in the same process: LLM-Pruner's cost. CPU seconds are noisy on
   a shared machine; the ratio is the figure to quote.
@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval_seq_len",
         type=int,
-        default=None,
-        help="tokens per perplexity window (default: 128, the calibration windows' length)",
+        default=RunConfig().eval_seq_len,
+        help="tokens per perplexity window (as gqa-prune's --eval_seq_len; default 128)",
     )
     p.add_argument("--zeroshot_limit", type=int, default=100, help="items per task (0 = off)")
     p.add_argument("--zeroshot_batch_size", type=int, default=8)
@@ -297,8 +297,6 @@ def main() -> None:
         if taken:
             p.error(f"--save_items: {taken[0]} exists; choose another folder or remove it")
     rows: list[tuple[str, ...]] = []
-    # perplexity windows: --eval_seq_len, else the calibration windows' length (128)
-    eval_len = args.eval_seq_len or base_config(args.targets.split(",")[0], extra).taylor_seq_len
     for spec in args.targets.split(","):
         name, basis, ratio = spec.split(":")
         dense, tok = load_model(name, device="cpu")
@@ -319,7 +317,7 @@ def main() -> None:
             ppl = evaluate_perplexity(
                 model,
                 eval_tokens,  # noqa: B023 - evaluated within the iteration
-                eval_len,
+                args.eval_seq_len,
                 args.eval_windows,
                 progress=False,
                 bos_token_id=bos,  # noqa: B023
@@ -373,7 +371,7 @@ def main() -> None:
     )
     print(
         f"\nsplit {args.split}: perplexity on the first {args.eval_windows} windows of "
-        f"{eval_len} tokens of "
+        f"{args.eval_seq_len} tokens of "
         f"{ppl_where}; {zs}; prune time vs one forward+backward over 32 x 128 tokens; "
         f"{torch.get_num_threads()} threads\n"
     )

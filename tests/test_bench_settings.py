@@ -53,3 +53,10 @@ def test_zeroshot_suite_reaches_the_task_resolver(monkeypatch):
     zeroshot_column.ZeroShotColumn.create(10, "test", "/data")
     assert seen == ["piqa,arc_easy", "zeroshot6"]
     assert build_parser().parse_args([]).zeroshot_suite == "zeroshot6"
+
+
+def test_perplexity_windows_follow_the_cli_setting():
+    from bench_quality import build_parser
+
+    assert build_parser().parse_args([]).eval_seq_len == RunConfig().eval_seq_len
+    assert build_parser().parse_args(["--eval_seq_len", "512"]).eval_seq_len == 512
