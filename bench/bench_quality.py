@@ -205,6 +205,7 @@ def prune_like_the_cli(
         compensation_target=c.compensation_target,
         sensitivity_weights=c.sensitivity_weights,
         compensation_target_norm=c.compensation_target_norm,
+        compensation_skip_first=c.compensation_skip_first,
     )
     model.zero_grad(set_to_none=True)
 

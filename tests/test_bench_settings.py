@@ -60,3 +60,26 @@ def test_perplexity_windows_follow_the_cli_setting():
 
     assert build_parser().parse_args([]).eval_seq_len == RunConfig().eval_seq_len
     assert build_parser().parse_args(["--eval_seq_len", "512"]).eval_seq_len == 512
+
+
+def test_every_pruning_setting_reaches_prune_model(monkeypatch):
+    """A ``@KEY=VALUE`` override of a setting that ``prune_model_`` takes must reach it:
+    the bench rows would silently measure the default otherwise."""
+    import inspect
+
+    import bench_quality
+    import torch
+
+    from gqa_prune.pipeline import prune_model_
+
+    seen = {}
+    monkeypatch.setattr(bench_quality, "prune_model_", lambda *a, **kw: seen.update(kw))
+    fields = set(RunConfig.__dataclass_fields__)
+    # streaming: the bench prunes in memory (a streamer object, not the CLI's flag)
+    takes = [p for p in inspect.signature(prune_model_).parameters if p in fields - {"streaming"}]
+    assert "compensation_skip_first" in takes and "compensation_damp" in takes
+    c = RunConfig(compensation_skip_first=3, compensation_damp=0.7, pruning_mode="sensitivity")
+    tokens = torch.arange(4000) % 100
+    bench_quality.prune_like_the_cli(torch.nn.Linear(1, 1), c, tokens, None)
+    missing = [name for name in takes if seen.get(name) != getattr(c, name)]
+    assert not missing, f"prune_like_the_cli does not pass {missing}"

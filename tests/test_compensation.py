@@ -346,3 +346,76 @@ def test_cli_refuses_an_unknown_compensation(tiny_run, capsys):
         main(tiny_args(tiny_run, "--compensation", "obs"))
     assert exc.value.code == 2
     assert "lstsq" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- skipped positions
+def test_input_stats_leave_the_first_positions_out():
+    """Every statistic with ``skip_first=k`` equals the plain one on positions k onwards."""
+    from gqa_prune.compensation.stats import InputStats
+
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(6, 4, bias=False)
+    xs = [torch.randn(3, 10, 6), torch.randn(2, 10, 6)]
+    ys = [torch.randn(3, 10, 4), torch.randn(2, 10, 4)]
+    ws = [torch.rand(3, 10), torch.rand(2, 10)]
+    skip = InputStats(lin, True, ys, weights=ws, keep_on="cpu", skip_first=2)
+    for x in xs:
+        lin(x)
+    skip.remove()
+    plain = InputStats(lin, True, [y[:, 2:] for y in ys], weights=[w[:, 2:] for w in ws])
+    for x in xs:
+        lin(x[:, 2:])
+    plain.remove()
+    assert skip.count == plain.count == 5 * 8
+    torch.testing.assert_close(skip.gram, plain.gram)
+    torch.testing.assert_close(skip.mean, plain.mean)
+    torch.testing.assert_close(skip.cross, plain.cross)
+    assert [t.shape for t in skip.inputs] == [x.shape for x in xs]  # the replay sees all
+    with pytest.raises(GQAPruneError, match="skip_first"):
+        InputStats(lin, True, skip_first=-1)
+
+
+@torch.no_grad()
+def test_skip_first_refits_on_the_later_positions_only(calib):
+    """Only layer 1's MLP loses channels: its refit is the ridge solve on the Gram of the
+    dense down_proj inputs at positions >= 2, the first two positions left out."""
+    model = tiny_model("llama4")
+    keep = list(range(0, 96, 3))
+    plan = make_plan(model, channels={1: keep})
+    down = model.model.layers[1].mlp.down_proj
+    seen = []
+    handle = down.register_forward_pre_hook(lambda m, a: seen.append(a[0][:, 2:].double()))
+    model(input_ids=calib)
+    handle.remove()
+    x = torch.cat(seen).reshape(-1, down.in_features)
+    expected = ridge_refit(down.weight, x.T @ x, keep, damp=1e-3)
+    pruned = copy.deepcopy(model)
+    apply_plan_sequential_(pruned, plan, calib, "lstsq", damp=1e-3, batch_size=4, skip_first=2)
+    got = pruned.model.layers[1].mlp.down_proj.weight
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    every = pruned_copy(model, plan, "lstsq", calib).model.layers[1].mlp.down_proj.weight
+    assert (every - got).abs().max() > 1e-4  # the first positions did count before
+    with pytest.raises(GQAPruneError, match="compensation_skip_first"):
+        apply_plan_sequential_(copy.deepcopy(model), plan, calib, "lstsq", skip_first=16)
+
+
+def test_cli_skips_the_first_positions_and_records_it(tiny_run, monkeypatch, capsys):
+    import gqa_prune.runner as runner
+
+    monkeypatch.setattr(runner, "bos_prefix", lambda tokenizer: 0)  # windows start with BOS
+    given = {}
+    real_prune = runner.prune_model_
+
+    def prune(model, ids, *args, **kwargs):
+        given["skip"] = kwargs["compensation_skip_first"]
+        return real_prune(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "prune_model_", prune)
+    argv = tiny_args(
+        tiny_run, "--prune_mlp", "--save_ckpt_log_name", "s", "--compensation_skip_first", "1"
+    )
+    assert main(argv) == 0
+    assert given == {"skip": 1}
+    assert "leaves the BOS token out" in capsys.readouterr().err  # told what it costs
+    summary = json.loads((tiny_run["logs"] / "s" / "summary.json").read_text())
+    assert summary["method"]["compensation_skip_first"] == 1

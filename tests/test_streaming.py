@@ -85,16 +85,17 @@ def test_streaming_layer_importance_equals_in_memory(streamed, method):
 
 
 @pytest.mark.parametrize(
-    ("criterion", "compensation", "store"),
+    ("criterion", "compensation", "store", "extra"),
     [
-        ("taylor", "lstsq", "disk"),
-        ("taylor", "bias", "ram"),
-        ("wanda", "lstsq", "ram"),
-        ("wanda", "none", "disk"),
+        ("taylor", "lstsq", "disk", {}),
+        ("taylor", "bias", "ram", {}),
+        ("wanda", "lstsq", "ram", {}),
+        ("wanda", "none", "disk", {}),
+        ("taylor", "lstsq", "ram", dict(selection="repair", compensation_skip_first=1)),
     ],
 )
 def test_streaming_pruning_gives_the_same_plan_and_weights(
-    tmp_path, criterion, compensation, store
+    tmp_path, criterion, compensation, store, extra
 ):
     dense = tiny_model(num_hidden_layers=4)
     offload = str(tmp_path / "offload") if store == "disk" else None
@@ -108,6 +109,7 @@ def test_streaming_pruning_gives_the_same_plan_and_weights(
         batch_size=2,
         progress=False,
         compensation=compensation,
+        **extra,
     )
     expected = prune_model_(dense, IDS, config, **kwargs)
     got = prune_model_(streamer.model, IDS, config, streaming=streamer, **kwargs)

@@ -234,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per compensation sequence",
     )
     g.add_argument(
+        "--compensation_skip_first",
+        type=int,
+        default=d.compensation_skip_first,
+        help="leave the first N positions of every compensation sequence out of the "
+        "refit's statistics (1 = the BOS / attention-sink token)",
+    )
+    g.add_argument(
         "--compensation_damp",
         type=float,
         default=d.compensation_damp,

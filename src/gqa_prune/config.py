@@ -92,6 +92,8 @@ class RunConfig:
     compensation_samples: int = 64
     # tokens per compensation window (the layer analysis and unit scores use taylor_seq_len)
     compensation_seq_len: int = 128
+    # leading positions of every compensation window left out of the statistics
+    compensation_skip_first: int = 0
     compensation_damp: float = DEFAULT_DAMP
     # auto = repair with lstsq compensation (the measured winner), else score
     selection: str = "auto"
@@ -215,6 +217,12 @@ class RunConfig:
         for name in ("taylor_seq_len", "eval_seq_len", "compensation_seq_len"):
             if getattr(self, name) < 2:
                 raise GQAPruneError(f"--{name} must be at least 2, got {getattr(self, name)}")
+        if not 0 <= self.compensation_skip_first < self.compensation_seq_len:
+            raise GQAPruneError(
+                "--compensation_skip_first must be at least 0 and below "
+                f"--compensation_seq_len ({self.compensation_seq_len}), "
+                f"got {self.compensation_skip_first}"
+            )
         if self.eval_max_windows is not None and self.eval_max_windows <= 0:
             raise GQAPruneError(f"--eval_max_windows must be positive, got {self.eval_max_windows}")
         if self.freeze_top_n_layers < 0:
