@@ -27,8 +27,11 @@ TEXT = (ENGLISH + ENGLISH[::-1]) * 10
 SPLITS = ((0.0, 10.0), (3.0, 7.0), (6.0, 4.0))
 
 
-@pytest.mark.parametrize("selection, target", [("score", "local"), ("repair", "dense")])
-def test_search_equals_direct_pruning_and_picks_the_best(selection, target):
+@pytest.mark.parametrize(
+    "selection, target, skip",
+    [("score", "local", 0), ("repair", "dense", 0), ("repair", "local", 2)],
+)
+def test_search_equals_direct_pruning_and_picks_the_best(selection, target, skip):
     model, tok = tiny_model("llama4", seed=5), char_tokenizer()
     dense_state = copy.deepcopy(model.state_dict())
     config = SearchConfig(
@@ -46,6 +49,7 @@ def test_search_equals_direct_pruning_and_picks_the_best(selection, target):
         compensation="lstsq",
         compensation_samples=2,
         compensation_seq_len=24,
+        compensation_skip_first=skip,
         selection=selection,
         compensation_target=target,
         seed=3,
@@ -75,6 +79,7 @@ def test_search_equals_direct_pruning_and_picks_the_best(selection, target):
             compensation_ids=compensation,
             selection=selection,
             compensation_target=target,
+            compensation_skip_first=skip,
         )
         direct.append(evaluate_perplexity(copy_, val_tokens, 32, 6, progress=False).ppl)
     found = [c.ppl for c in result.candidates]
