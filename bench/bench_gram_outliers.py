@@ -21,7 +21,6 @@ No pruning, one forward over the windows.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 
 import torch
@@ -100,9 +99,7 @@ def main() -> None:
     from gqa_prune.models.loading import load_model
 
     model, tok = load_model(args.model)
-    tokens = tokenize_text(
-        tok, load_text("wikitext2", "calibration", os.environ.get("GQA_PRUNE_DATA_DIR"))
-    )
+    tokens = tokenize_text(tok, load_text("wikitext2", "calibration"))
     ids = compensation_windows(tokens, args.samples, args.seq_len, args.seed, bos_prefix(tok))
     rows = gram_energy(model, ids)
     print(
