@@ -17,6 +17,7 @@ from gqa_prune.compensation import (
     SENSITIVITY_WEIGHTS,
     check_compensation,
     check_selection,
+    check_skip_first,
 )
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.evaluation.zeroshot import parse_tasks  # does not import lm-eval
@@ -217,12 +218,7 @@ class RunConfig:
         for name in ("taylor_seq_len", "eval_seq_len", "compensation_seq_len"):
             if getattr(self, name) < 2:
                 raise GQAPruneError(f"--{name} must be at least 2, got {getattr(self, name)}")
-        if not 0 <= self.compensation_skip_first < self.compensation_seq_len:
-            raise GQAPruneError(
-                "--compensation_skip_first must be at least 0 and below "
-                f"--compensation_seq_len ({self.compensation_seq_len}), "
-                f"got {self.compensation_skip_first}"
-            )
+        check_skip_first(self.compensation_skip_first, self.compensation_seq_len)
         if self.eval_max_windows is not None and self.eval_max_windows <= 0:
             raise GQAPruneError(f"--eval_max_windows must be positive, got {self.eval_max_windows}")
         if self.freeze_top_n_layers < 0:

@@ -467,8 +467,8 @@ def check_skip_first(skip_first: int, seq_len: int) -> None:
     """Raise a GQAPruneError unless ``0 <= skip_first < seq_len`` (tokens per window)."""
     if not 0 <= skip_first < seq_len:
         raise GQAPruneError(
-            f"--compensation_skip_first must be at least 0 and below the compensation "
-            f"windows' {seq_len} tokens, got {skip_first}"
+            "--compensation_skip_first must be at least 0 and below the compensation "
+            f"windows' {seq_len} tokens (--compensation_seq_len), got {skip_first}"
         )
 
 

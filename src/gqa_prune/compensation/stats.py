@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from gqa_prune.compensation.solve import rescale_rows
-from gqa_prune.errors import GQAPruneError
 
 # columns per block of the Gram accumulation (see the module docstring)
 GRAM_BLOCK = 256
@@ -83,8 +82,6 @@ class InputStats:
         rescale: bool = False,
         skip_first: int = 0,
     ) -> None:
-        if skip_first < 0:
-            raise GQAPruneError(f"skip_first must be >= 0, got {skip_first}")
         n_in, device = linear.in_features, linear.weight.device
         self.skip_first = skip_first
         self.count = 0
