@@ -23,6 +23,10 @@ Two splits, never mixed:
 Methods (``--methods``, comma-separated) are named presets of run settings, see ``METHODS``,
 each optionally followed by ``@KEY=VALUE`` overrides (``repair-local-bi@alpha=1``);
 ``default`` is whatever ``RunConfig()`` holds today, ``v0`` the defaults before issue 15.
+``@finetune=true`` (with any ``finetune_*`` setting, e.g. ``@finetune_method=distill``)
+recovers the pruned model as ``gqa-prune --finetune`` does, on the same calibration tokens
+(never the evaluation split), before it is evaluated; the time column then counts pruning
+plus recovery.
 
     GQA_PRUNE_DATA_DIR=../shared/data python bench/bench_quality.py --split test \\
         --targets smollm2-135m:total:0.25,smollm2-135m:total:0.5,gemma3-270m:non_embedding:0.25 \\
@@ -60,6 +64,7 @@ from gqa_prune.io_utils import write_json_atomic
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.loading import load_model
 from gqa_prune.pipeline import prune_model_
+from gqa_prune.recovery import finetune_
 from gqa_prune.runner import allocation_config
 from gqa_prune.search import split_validation
 
@@ -210,6 +215,31 @@ def prune_like_the_cli(
     model.zero_grad(set_to_none=True)
 
 
+def recover_like_the_cli(
+    model: torch.nn.Module,
+    dense: torch.nn.Module,
+    tokenizer: Any,
+    c: RunConfig,
+    tokens: torch.Tensor,
+) -> None:
+    """``--finetune``: recovery on the calibration tokens (``dense`` is the distill teacher).
+
+    The recovery text is the calibration text the prune used (the CLI's default for
+    ``--finetune_dataset``); any other ``finetune_dataset`` is refused here, so a bench row
+    can never train on an evaluation split.
+    """
+    ft = c.finetune_config
+    if ft.dataset != c.calibration_dataset:
+        raise SystemExit(
+            f"finetune_dataset={ft.dataset}: the bench recovers on the calibration text only"
+        )
+    teacher = copy.deepcopy(dense).eval().requires_grad_(False) if ft.method == "distill" else None
+    result = finetune_(model, tokenizer, ft, teacher=teacher, tokens=tokens)
+    if result.stopped_at_step is not None:
+        print(f"recovery stopped: {result.message}", flush=True)
+    model.eval()
+
+
 def items_path(folder: str, target: str, method: str) -> Path:
     """``folder/<target>__<method>.json`` with the characters a file name cannot hold
     replaced (``smollm2-135m:total:0.25`` -> ``smollm2-135m_total_0.25``)."""
@@ -348,6 +378,8 @@ def main() -> None:
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
             prune_like_the_cli(model, c, tokens, bos)
+            if c.finetune:
+                recover_like_the_cli(model, dense, tok, c, tokens)
             seconds = time.perf_counter() - t0
             params = get_adapter(model).geometry(model).total_params
             rows.append(

@@ -83,3 +83,35 @@ def test_every_pruning_setting_reaches_prune_model(monkeypatch):
     bench_quality.prune_like_the_cli(torch.nn.Linear(1, 1), c, tokens, None)
     missing = [name for name in takes if seen.get(name) != getattr(c, name)]
     assert not missing, f"prune_like_the_cli does not pass {missing}"
+
+
+def test_recovery_rows_train_on_the_calibration_tokens(monkeypatch):
+    """``@finetune=true`` recovers with the row's settings on the prune's calibration tokens;
+    distillation gets a frozen copy of the dense model, and another text is refused."""
+    import bench_quality
+    import torch
+
+    from gqa_prune.recovery.config import FinetuneResult
+
+    calls = []
+
+    def fake_finetune(model, tokenizer, config, teacher=None, *, tokens=None):
+        calls.append((config, teacher, tokens))
+        return FinetuneResult(config.method, steps=1, tokens=128)
+
+    monkeypatch.setattr(bench_quality, "finetune_", fake_finetune)
+    dense, pruned = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    tokens = torch.arange(50)
+    settings = method_settings("default@finetune=true@finetune_method=distill@lora_r=4")
+    c = RunConfig(**settings)
+    bench_quality.recover_like_the_cli(pruned, dense, None, c, tokens)
+    config, teacher, seen = calls[-1]
+    assert config.method == "distill" and seen is tokens
+    assert teacher is not dense and not any(p.requires_grad for p in teacher.parameters())
+    assert torch.equal(teacher.weight, dense.weight) and dense.weight.requires_grad
+    assert not pruned.training
+    bench_quality.recover_like_the_cli(pruned, dense, None, RunConfig(finetune=True), tokens)
+    assert calls[-1][0].method == "lora" and calls[-1][1] is None
+    other = RunConfig(finetune=True, finetune_dataset="wikitext2_test")
+    with pytest.raises(SystemExit, match="calibration text only"):
+        bench_quality.recover_like_the_cli(pruned, dense, None, other, tokens)
