@@ -64,7 +64,7 @@ from gqa_prune.io_utils import write_json_atomic
 from gqa_prune.models.adapters import get_adapter
 from gqa_prune.models.loading import load_model
 from gqa_prune.pipeline import prune_model_
-from gqa_prune.recovery import finetune_
+from gqa_prune.recovery import FinetuneConfig, finetune_
 from gqa_prune.runner import allocation_config
 from gqa_prune.search import split_validation
 
@@ -215,6 +215,20 @@ def prune_like_the_cli(
     model.zero_grad(set_to_none=True)
 
 
+def recovery_config(c: RunConfig) -> FinetuneConfig:
+    """The row's recovery settings; refused unless they train on the calibration text.
+
+    The recovery text is the calibration text the prune used (the CLI's default for
+    ``--finetune_dataset``), so a bench row can never train on an evaluation split.
+    """
+    ft = c.finetune_config
+    if ft.dataset != c.calibration_dataset:
+        raise SystemExit(
+            f"finetune_dataset={ft.dataset}: the bench recovers on the calibration text only"
+        )
+    return ft
+
+
 def recover_like_the_cli(
     model: torch.nn.Module,
     dense: torch.nn.Module,
@@ -222,17 +236,8 @@ def recover_like_the_cli(
     c: RunConfig,
     tokens: torch.Tensor,
 ) -> None:
-    """``--finetune``: recovery on the calibration tokens (``dense`` is the distill teacher).
-
-    The recovery text is the calibration text the prune used (the CLI's default for
-    ``--finetune_dataset``); any other ``finetune_dataset`` is refused here, so a bench row
-    can never train on an evaluation split.
-    """
-    ft = c.finetune_config
-    if ft.dataset != c.calibration_dataset:
-        raise SystemExit(
-            f"finetune_dataset={ft.dataset}: the bench recovers on the calibration text only"
-        )
+    """``--finetune``: recovery on the calibration tokens (``dense`` is the distill teacher)."""
+    ft = recovery_config(c)
     teacher = copy.deepcopy(dense).eval().requires_grad_(False) if ft.method == "distill" else None
     result = finetune_(model, tokenizer, ft, teacher=teacher, tokens=tokens)
     if result.stopped_at_step is not None:
@@ -303,6 +308,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = {m: method_settings(m) for m in args.methods.split(",")}
+    for settings in methods.values():  # refuse a recovery setting before any model loads
+        if settings.get("finetune"):
+            recovery_config(RunConfig(**settings))
     extra = parse_settings(args.set)
     column = None
     if args.zeroshot_limit:
