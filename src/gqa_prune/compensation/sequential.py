@@ -640,7 +640,18 @@ def prune_layer_(
     elif cut_attn:
         o = adapter.attention_projections(layer)[3]
         y_o = None if targets is None else targets[0]
-        o_stats = _collect(layer, o, states, calls, gram, y_o, keep_on, blend, rescale, skip_first)
+        o_stats = _collect(
+            layer,
+            o,
+            states,
+            calls,
+            gram,
+            y_o,
+            keep_on=keep_on,
+            blend=blend,
+            rescale=rescale,
+            skip_first=skip_first,
+        )
         width = plan.queries_per_kv * plan.head_dim
         fix = None
         if repair and lp.keep_kv_groups and o_stats.gram is not None:
