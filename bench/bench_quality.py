@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import time
 import typing
@@ -138,6 +139,46 @@ def method_settings(spec: str) -> dict[str, Any]:
     if name not in METHODS:
         raise SystemExit(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
     return {**METHODS[name], **parse_settings(overrides)}
+
+
+def with_seeds(methods: list[str], seeds: list[int]) -> list[str]:
+    """Each method once per calibration seed (``m@seed=s``); no seeds = the methods as given.
+
+    The seed draws every calibration window (unit scores, layer analysis, refit), so the rows
+    of one method differ only in which WikiText windows it saw.
+    """
+    if not seeds:
+        return methods
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds {','.join(map(str, seeds))}: a seed is named twice")
+    for m in methods:
+        if "seed" in method_settings(m):
+            raise SystemExit(f"method '{m}' sets its own seed; drop @seed=... or --seeds")
+    return [f"{m}@seed={s}" for m in methods for s in seeds]
+
+
+def seed_spread(
+    values: dict[str, list[tuple[float | None, float]]],
+) -> list[tuple[str, int, str, str]]:
+    """``(method, seeds, zero-shot mean (sd), perplexity mean (sd))`` over each method's seeds.
+
+    ``values`` maps a method (without its seed) to one ``(zero-shot mean or None, perplexity)``
+    per seed; the sd is the sample standard deviation (n - 1), blank for one seed.
+    """
+
+    def spread(xs: list[float], digits: int) -> str:
+        mean = sum(xs) / len(xs)
+        if len(xs) < 2:
+            return f"{mean:.{digits}f}"
+        sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+        return f"{mean:.{digits}f} ({sd:.{digits}f})"
+
+    out = []
+    for method, rows in values.items():
+        scores = [z for z, _ in rows if z is not None]
+        zs = spread(scores, 4) if len(scores) == len(rows) else "-"
+        out.append((method, len(rows), zs, spread([p for _, p in rows], 2)))
+    return out
 
 
 def reference_seconds(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> float:
@@ -290,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--validation_fraction", type=float, default=0.1)
     p.add_argument("--set", action="append", default=[], help="extra RunConfig KEY=VALUE")
+    p.add_argument(
+        "--seeds",
+        default="",
+        help="comma-separated calibration seeds: every method runs once per seed "
+        "(method@seed=S) and a last table gives the mean and sd over the seeds",
+    )
     p.add_argument("--no_dense", action="store_true", help="skip the dense rows")
     p.add_argument("--data_dir", default=os.environ.get("GQA_PRUNE_DATA_DIR"))
     p.add_argument("--threads", type=int, default=None)
@@ -307,7 +354,12 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = {m: method_settings(m) for m in args.methods.split(",")}
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--seeds {args.seeds}: give integers separated by commas, e.g. 42,43,44")
+    names = with_seeds(args.methods.split(","), seeds)
+    methods = {m: method_settings(m) for m in names}
     for settings in methods.values():  # refuse a recovery setting before any model loads
         if settings.get("finetune"):
             recovery_config(RunConfig(**settings))
@@ -336,6 +388,7 @@ def main() -> None:
         if taken:
             p.error(f"--save_items: {taken[0]} exists; choose another folder or remove it")
     rows: list[tuple[str, ...]] = []
+    spread: dict[tuple[str, str], list[tuple[float | None, float]]] = {}
     for spec in args.targets.split(","):
         name, basis, ratio = spec.split(":")
         dense, tok = load_model(name, device="cpu")
@@ -352,6 +405,8 @@ def main() -> None:
         ref = reference_seconds(dense, ref_ids, base.taylor_batch_size)
         target = f"{name} {100 * float(ratio):.0f}% {basis.replace('_', '-')}"
 
+        measured: list[tuple[float | None, float]] = []  # (zero-shot, perplexity) of the last row
+
         def evaluate(model: torch.nn.Module, method: str) -> tuple[str, str]:
             ppl = evaluate_perplexity(
                 model,
@@ -361,7 +416,7 @@ def main() -> None:
                 progress=False,
                 bos_token_id=bos,  # noqa: B023
             ).ppl
-            zs = "-"
+            zs, score = "-", None
             if column is not None:
                 result = column.evaluate(model, tok)  # noqa: B023
                 if args.save_items:
@@ -369,9 +424,11 @@ def main() -> None:
                     write_json_atomic(path, result.to_dict())
                 if args.zeroshot_tasks:
                     print(format_zeroshot_table({"model": result}), flush=True)
-                zs = "n/a" if result.mean_score is None else f"{result.mean_score:.4f}"
+                score = result.mean_score
+                zs = "n/a" if score is None else f"{score:.4f}"
                 if result.mean_logprob is not None:  # log-prob of the right choice
                     zs += f" (logprob {result.mean_logprob:.3f})"
+            measured[:] = [(score, ppl)]  # noqa: B023 - read right after the call
             return zs, f"{ppl:.2f}"
 
         if not args.no_dense:
@@ -401,6 +458,9 @@ def main() -> None:
                 )
             )
             print(rows[-1], flush=True)
+            if seeds:
+                base_name = method.rsplit("@seed=", 1)[0]
+                spread.setdefault((target, base_name), []).append(measured[0])
             del model
         del dense
 
@@ -420,6 +480,15 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    if seeds:
+        print(f"\nover the calibration seeds {','.join(map(str, seeds))} (mean, sd in brackets)\n")
+        print(f"| target | method | seeds | {zs} mean | perplexity |")
+        print("|---|---|---:|---:|---:|")
+        targets_seen = dict.fromkeys(t for t, _ in spread)
+        for t in targets_seen:
+            per_method = {m: v for (tt, m), v in spread.items() if tt == t}
+            for method, n, z, ppl in seed_spread(per_method):
+                print(f"| {t} | {method} | {n} | {z} | {ppl} |")
 
 
 if __name__ == "__main__":

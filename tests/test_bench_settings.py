@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_quality import method_settings, parse_settings  # noqa: E402
+from bench_quality import (  # noqa: E402
+    method_settings,
+    parse_settings,
+    seed_spread,
+    with_seeds,
+)
 
 from gqa_prune.config import RunConfig  # noqa: E402
 
@@ -115,3 +120,28 @@ def test_recovery_rows_train_on_the_calibration_tokens(monkeypatch):
     other = RunConfig(finetune=True, finetune_dataset="wikitext2_test")
     with pytest.raises(SystemExit, match="calibration text only"):
         bench_quality.recover_like_the_cli(pruned, dense, None, other, tokens)
+
+
+def test_seeds_repeat_every_method_and_reach_the_config():
+    names = with_seeds(["default", "sensitivity-grad@compensation_target=0.25"], [42, 43])
+    assert names == [
+        "default@seed=42",
+        "default@seed=43",
+        "sensitivity-grad@compensation_target=0.25@seed=42",
+        "sensitivity-grad@compensation_target=0.25@seed=43",
+    ]
+    assert RunConfig(**method_settings(names[1])).seed == 43
+    assert with_seeds(["default"], []) == ["default"]
+    with pytest.raises(SystemExit, match="sets its own seed"):
+        with_seeds(["default@seed=1"], [42])
+    with pytest.raises(SystemExit, match="named twice"):
+        with_seeds(["default"], [42, 42])
+
+
+def test_seed_spread_is_the_mean_and_sample_sd():
+    got = seed_spread({"default": [(0.39, 87.0), (0.40, 86.0), (0.41, 85.0)], "one": [(0.5, 9.0)]})
+    # mean 0.40, sd sqrt(((0.01)^2 * 2) / 2) = 0.01; perplexity 86.00 (1.00)
+    assert got[0] == ("default", 3, "0.4000 (0.0100)", "86.00 (1.00)")
+    assert got[1] == ("one", 1, "0.5000", "9.00")
+    # a row without zero-shot leaves the column blank instead of averaging fewer seeds
+    assert seed_spread({"m": [(None, 10.0), (0.3, 12.0)]})[0][2] == "-"

@@ -23,7 +23,7 @@ FOLDERS = sorted(p for p in ITEMS.iterdir() if p.is_dir())
 
 
 def test_every_folder_holds_results():
-    assert [p.name for p in FOLDERS] == ["test", "test-all", "validation"]
+    assert [p.name for p in FOLDERS] == ["test", "test-all", "test-seeds", "validation"]
     for folder in FOLDERS:
         assert len(list(folder.glob("*.json"))) >= 2, folder
 
