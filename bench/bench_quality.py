@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
+import statistics
 import time
 import typing
 from dataclasses import replace
@@ -167,11 +167,8 @@ def seed_spread(
     """
 
     def spread(xs: list[float], digits: int) -> str:
-        mean = sum(xs) / len(xs)
-        if len(xs) < 2:
-            return f"{mean:.{digits}f}"
-        sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
-        return f"{mean:.{digits}f} ({sd:.{digits}f})"
+        text = f"{statistics.mean(xs):.{digits}f}"
+        return text if len(xs) < 2 else f"{text} ({statistics.stdev(xs):.{digits}f})"
 
     out = []
     for method, rows in values.items():
@@ -388,7 +385,7 @@ def main() -> None:
         if taken:
             p.error(f"--save_items: {taken[0]} exists; choose another folder or remove it")
     rows: list[tuple[str, ...]] = []
-    spread: dict[tuple[str, str], list[tuple[float | None, float]]] = {}
+    seed_rows: list[tuple[object, ...]] = []  # (target, method, seeds, zero-shot, perplexity)
     for spec in args.targets.split(","):
         name, basis, ratio = spec.split(":")
         dense, tok = load_model(name, device="cpu")
@@ -405,9 +402,8 @@ def main() -> None:
         ref = reference_seconds(dense, ref_ids, base.taylor_batch_size)
         target = f"{name} {100 * float(ratio):.0f}% {basis.replace('_', '-')}"
 
-        measured: list[tuple[float | None, float]] = []  # (zero-shot, perplexity) of the last row
-
-        def evaluate(model: torch.nn.Module, method: str) -> tuple[str, str]:
+        def evaluate(model: torch.nn.Module, method: str) -> tuple[str, str, float | None, float]:
+            """``(zero-shot text, perplexity text, zero-shot mean, perplexity)`` of one row."""
             ppl = evaluate_perplexity(
                 model,
                 eval_tokens,  # noqa: B023 - evaluated within the iteration
@@ -428,15 +424,15 @@ def main() -> None:
                 zs = "n/a" if score is None else f"{score:.4f}"
                 if result.mean_logprob is not None:  # log-prob of the right choice
                     zs += f" (logprob {result.mean_logprob:.3f})"
-            measured[:] = [(score, ppl)]  # noqa: B023 - read right after the call
-            return zs, f"{ppl:.2f}"
+            return zs, f"{ppl:.2f}", score, ppl
 
         if not args.no_dense:
             params = get_adapter(dense).geometry(dense).total_params
             rows.append(
-                (target, "dense", *evaluate(dense, "dense"), "", f"1 fwd+bwd = {ref:.1f} s", "")
+                (target, "dense", *evaluate(dense, "dense")[:2], "", f"1 fwd+bwd = {ref:.1f} s", "")
             )
             print(rows[-1], flush=True)
+        by_seed: dict[str, list[tuple[float | None, float]]] = {}  # method -> one per seed
         for method, settings in methods.items():
             c = replace(base, **settings)
             tokens = calibration_tokens(c.calibration_dataset, calib_tokens, tok, args.data_dir)
@@ -447,22 +443,24 @@ def main() -> None:
                 recover_like_the_cli(model, dense, tok, c, tokens)
             seconds = time.perf_counter() - t0
             params = get_adapter(model).geometry(model).total_params
+            zs_text, ppl_text, score, ppl = evaluate(model, method)
             rows.append(
                 (
                     target,
                     method,
-                    *evaluate(model, method),
+                    zs_text,
+                    ppl_text,
                     f"{seconds:.1f}",
                     f"{seconds / ref:.2f}x",
                     f"{params:,}",
                 )
             )
             print(rows[-1], flush=True)
-            if seeds:
-                base_name = method.rsplit("@seed=", 1)[0]
-                spread.setdefault((target, base_name), []).append(measured[0])
+            by_seed.setdefault(method.rsplit("@seed=", 1)[0], []).append((score, ppl))
             del model
         del dense
+        if seeds:
+            seed_rows += [(target, *row) for row in seed_spread(by_seed)]
 
     zs = column.header if column is not None else "zero-shot (off)"
     ppl_where = (
@@ -484,11 +482,8 @@ def main() -> None:
         print(f"\nover the calibration seeds {','.join(map(str, seeds))} (mean, sd in brackets)\n")
         print(f"| target | method | seeds | {zs} mean | perplexity |")
         print("|---|---|---:|---:|---:|")
-        targets_seen = dict.fromkeys(t for t, _ in spread)
-        for t in targets_seen:
-            per_method = {m: v for (tt, m), v in spread.items() if tt == t}
-            for method, n, z, ppl in seed_spread(per_method):
-                print(f"| {t} | {method} | {n} | {z} | {ppl} |")
+        for row in seed_rows:
+            print("| " + " | ".join(map(str, row)) + " |")
 
 
 if __name__ == "__main__":
