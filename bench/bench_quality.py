@@ -49,7 +49,7 @@ import torch
 from zeroshot_column import ZeroShotColumn
 
 from gqa_prune.analysis import compute_layer_importance
-from gqa_prune.config import RunConfig
+from gqa_prune.config import PRESETS, RunConfig
 from gqa_prune.data import (
     bos_prefix,
     compensation_windows,
@@ -88,6 +88,8 @@ METHODS: dict[str, dict[str, Any]] = {
 METHODS["sensitivity"] = dict(pruning_mode="sensitivity", pruning_distribution="auto")
 # the same, each token's error priced by the squared loss gradient at the layer's output
 METHODS["sensitivity-grad"] = dict(METHODS["sensitivity"], sensitivity_weights="gradient")
+# the library's presets (gqa-prune --preset NAME); "default" is the default above
+METHODS["knowledge"] = PRESETS["knowledge"]
 for _li, _tag in (("removal", "rm"), ("block_influence", "bi")):
     for _sel in ("score", "repair"):
         for _target in ("local", "dense"):
@@ -248,7 +250,6 @@ def prune_like_the_cli(
         compensation_target=c.compensation_target,
         sensitivity_weights=c.sensitivity_weights,
         compensation_target_norm=c.compensation_target_norm,
-        compensation_skip_first=c.compensation_skip_first,
     )
     model.zero_grad(set_to_none=True)
 

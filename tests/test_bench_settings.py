@@ -82,8 +82,13 @@ def test_every_pruning_setting_reaches_prune_model(monkeypatch):
     fields = set(RunConfig.__dataclass_fields__)
     # streaming: the bench prunes in memory (a streamer object, not the CLI's flag)
     takes = [p for p in inspect.signature(prune_model_).parameters if p in fields - {"streaming"}]
-    assert "compensation_skip_first" in takes and "compensation_damp" in takes
-    c = RunConfig(compensation_skip_first=3, compensation_damp=0.7, pruning_mode="sensitivity")
+    assert "compensation_target_norm" in takes and "compensation_damp" in takes
+    c = RunConfig(
+        compensation_target="0.25",
+        compensation_target_norm="dense",
+        compensation_damp=0.7,
+        pruning_mode="sensitivity",
+    )
     tokens = torch.arange(4000) % 100
     bench_quality.prune_like_the_cli(torch.nn.Linear(1, 1), c, tokens, None)
     missing = [name for name in takes if seen.get(name) != getattr(c, name)]

@@ -252,11 +252,6 @@ CASES = [
     ("negative_layer_samples", ["--layer_importance_samples", "0"], "positive"),
     ("compensation_seq_len_one", ["--compensation_seq_len", "1"], "--compensation_seq_len"),
     (
-        "compensation_skip_first_whole_window",
-        ["--compensation_seq_len", "16", "--compensation_skip_first", "16"],
-        "--compensation_skip_first must be at least 0 and below",
-    ),
-    (
         "compensation_seq_len_above_model_max",
         ["--compensation_seq_len", "4096"],
         "--compensation_seq_len 4096 exceeds",

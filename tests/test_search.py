@@ -28,10 +28,10 @@ SPLITS = ((0.0, 10.0), (3.0, 7.0), (6.0, 4.0))
 
 
 @pytest.mark.parametrize(
-    "selection, target, skip",
-    [("score", "local", 0), ("repair", "dense", 0), ("repair", "local", 2)],
+    "selection, target",
+    [("score", "local"), ("repair", "dense"), ("repair", "0.25")],
 )
-def test_search_equals_direct_pruning_and_picks_the_best(selection, target, skip):
+def test_search_equals_direct_pruning_and_picks_the_best(selection, target):
     model, tok = tiny_model("llama4", seed=5), char_tokenizer()
     dense_state = copy.deepcopy(model.state_dict())
     config = SearchConfig(
@@ -49,7 +49,6 @@ def test_search_equals_direct_pruning_and_picks_the_best(selection, target, skip
         compensation="lstsq",
         compensation_samples=2,
         compensation_seq_len=24,
-        compensation_skip_first=skip,
         selection=selection,
         compensation_target=target,
         seed=3,
@@ -79,7 +78,6 @@ def test_search_equals_direct_pruning_and_picks_the_best(selection, target, skip
             compensation_ids=compensation,
             selection=selection,
             compensation_target=target,
-            compensation_skip_first=skip,
         )
         direct.append(evaluate_perplexity(copy_, val_tokens, 32, 6, progress=False).ppl)
     found = [c.ppl for c in result.candidates]

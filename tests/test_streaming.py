@@ -91,7 +91,7 @@ def test_streaming_layer_importance_equals_in_memory(streamed, method):
         ("taylor", "bias", "ram", {}),
         ("wanda", "lstsq", "ram", {}),
         ("wanda", "none", "disk", {}),
-        ("taylor", "lstsq", "ram", dict(selection="repair", compensation_skip_first=1)),
+        ("taylor", "lstsq", "ram", dict(selection="repair", compensation_target="0.25")),
     ],
 )
 def test_streaming_pruning_gives_the_same_plan_and_weights(

@@ -73,7 +73,6 @@ def prune_model_(
     compensation_target: Target | str = DEFAULT_TARGET,
     sensitivity_weights: SensitivityWeights | str = "stream",
     compensation_target_norm: TargetNorm | str = DEFAULT_TARGET_NORM,
-    compensation_skip_first: int = 0,
 ) -> PruneOutcome:
     """Prune ``model`` in place to remove ``allocation_config.pruning_ratio`` of its parameters.
 
@@ -122,10 +121,6 @@ def prune_model_(
             dense model has it) or ``local`` (default: the pruned layer's own output's; the
             direction stays the dense model's). Used only when ``compensation_target`` is
             not ``local``.
-        compensation_skip_first: leave the first positions of every compensation window
-            out of the refit's and the repair selection's statistics (1 = the first token,
-            the BOS or attention sink, whose few large activations otherwise dominate some
-            layers' Gram matrices; ``bench/bench_gram_outliers.py``).
         sensitivity_weights: token weights of the ``sensitivity`` mode's error curves:
             ``stream`` (the size of the residual stream) or ``gradient`` (the squared loss
             gradient at each layer's output: one more forward and a layer-wise backward).
@@ -140,7 +135,6 @@ def prune_model_(
         compensation_target=compensation_target,
         compensation_target_norm=compensation_target_norm,
         sensitivity_weights=sensitivity_weights,
-        compensation_skip_first=compensation_skip_first,
     )
     if streaming is not None:
         return _prune_streaming_(

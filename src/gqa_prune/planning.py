@@ -176,7 +176,6 @@ def prune_walk_(
     compensation_target_norm: str,
     sensitivity_weights: str,
     before_planning: Callable[[], object] | None = None,
-    compensation_skip_first: int = 0,
 ) -> PruneOutcome:
     """Prune the model that ``walk`` holds, in place: the step both pipelines run.
 
@@ -220,7 +219,6 @@ def prune_walk_(
         selection,
         compensation_target,
         compensation_target_norm,
-        compensation_skip_first,
     )
     check_finite(calibration_ids[:1], "after pruning")
     return PruneOutcome(plan, allocation, before, after, scores)

@@ -223,10 +223,6 @@ def build_summary(
                 if config.compensation != "none"
                 else None
             ),
-            # leading positions of every window left out of the refit's statistics
-            "compensation_skip_first": (
-                config.compensation_skip_first if config.compensation != "none" else None
-            ),
             "compensation_target": config.compensation_target,
             "compensation_target_norm": (  # only a dense or blended target has one
                 config.compensation_target_norm
@@ -335,16 +331,6 @@ class ExperimentRun:
         self.calib_tokens = tokenize_text(self.tokenizer, calib_text)
         # windows start with BOS where the tokenizer adds one (Gemma), as the model sees text
         self.bos = bos_prefix(self.tokenizer)
-        if (
-            self.bos is not None
-            and config.compensation_skip_first
-            and config.compensation != "none"
-        ):
-            log.warning(
-                "--compensation_skip_first %d leaves the BOS token out of the refit's "
-                "statistics; the model relies on it (Gemma-3-270M: perplexity +72%%)",
-                config.compensation_skip_first,
-            )
         self.calibration = sample_calibration(
             self.calib_tokens,
             config.channel_importance_samples,
@@ -487,7 +473,6 @@ class ExperimentRun:
                 compensation_target=config.compensation_target,
                 sensitivity_weights=config.sensitivity_weights,
                 compensation_target_norm=config.compensation_target_norm,
-                compensation_skip_first=config.compensation_skip_first,
             )
         self.memory.mark("prune")
         self.outcome.plan.save(self.exp.path("pruning_plan.json"))

@@ -154,8 +154,6 @@ class SearchConfig:
         compensation: ``none``, ``lstsq`` or ``bias`` (see ``gqa_prune.compensation``).
         compensation_samples: calibration windows of the compensation.
         compensation_seq_len: tokens per compensation window.
-        compensation_skip_first: leading positions of every compensation window left out of
-            the refit's statistics.
         compensation_damp: ridge strength of ``lstsq``.
         selection: ``score`` or ``repair`` (which units go; see ``gqa_prune.compensation``).
         compensation_target: ``local``, ``dense`` or a blend ``"0.25"`` (what the ``lstsq``
@@ -190,7 +188,6 @@ class SearchConfig:
     compensation: str = "lstsq"
     compensation_samples: int = 64
     compensation_seq_len: int = 128
-    compensation_skip_first: int = 0
     compensation_damp: float = DEFAULT_DAMP
     selection: str = "score"
     compensation_target: str = DEFAULT_TARGET
@@ -404,7 +401,6 @@ def _candidate(
             pruned, plan, shared.compensation_ids, config.compensation,
             config.compensation_damp, config.batch_size, progress, config.selection,
             config.compensation_target, config.compensation_target_norm,
-            config.compensation_skip_first,
         )  # fmt: skip
     ppl = perplexity(pruned)
     log.info("search: split %g:%g -> validation perplexity %.3f", a, m, ppl)

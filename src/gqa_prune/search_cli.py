@@ -82,7 +82,6 @@ def build_search_parser() -> argparse.ArgumentParser:
     g.add_argument("--compensation", default=d.compensation, choices=COMPENSATIONS)
     g.add_argument("--compensation_samples", type=int, default=d.compensation_samples)
     g.add_argument("--compensation_seq_len", type=int, default=d.compensation_seq_len)
-    g.add_argument("--compensation_skip_first", type=int, default=d.compensation_skip_first)
     g.add_argument("--compensation_damp", type=float, default=d.compensation_damp)
     g.add_argument("--selection", default="auto", choices=("auto", *SELECTIONS))
     g.add_argument(
@@ -174,7 +173,6 @@ def search_main(argv: Sequence[str]) -> int:
         compensation=run.compensation,
         compensation_samples=run.compensation_samples,
         compensation_seq_len=run.compensation_seq_len,
-        compensation_skip_first=run.compensation_skip_first,
         compensation_damp=run.compensation_damp,
         selection=run.selection,
         compensation_target=run.compensation_target,

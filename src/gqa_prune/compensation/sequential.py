@@ -266,7 +266,6 @@ def apply_plan_sequential_(
     progress: bool = False,
     target: Target | str = DEFAULT_TARGET,
     target_norm: TargetNorm | str = DEFAULT_TARGET_NORM,
-    skip_first: int = 0,
 ) -> GQAGeometry:
     """Slice ``model`` to ``plan`` layer by layer, compensating each cut on calibration data.
 
@@ -290,14 +289,11 @@ def apply_plan_sequential_(
             ``dense`` (to the dense model's output; ``lstsq`` only) or a blend ``"0.25"``.
         target_norm: ``dense`` (the dense outputs as they are) or ``local`` (each token's
             dense output rescaled to the norm of the layer's own; :mod:`.solve`).
-        skip_first: leave the first ``skip_first`` positions of every calibration window
-            out of the statistics (the refit and the selection); they still run through
-            the model, so the positions after them see them.
 
     Returns:
         The geometry of the pruned model.
     """
-    args = (compensation, damp, batch_size, progress, "score", target, target_norm, skip_first)
+    args = (compensation, damp, batch_size, progress, "score", target, target_norm)
     return prune_sequential_(model, plan, calibration_ids, *args)[1]
 
 
@@ -313,7 +309,6 @@ def prune_sequential_(
     selection: Selection | str = "score",
     target: Target | str = DEFAULT_TARGET,
     target_norm: TargetNorm | str = DEFAULT_TARGET_NORM,
-    skip_first: int = 0,
 ) -> tuple[PruningPlan, GQAGeometry]:
     """:func:`apply_plan_sequential_`, optionally choosing which units go (same counts).
 
@@ -330,9 +325,7 @@ def prune_sequential_(
     model.eval()  # no dropout in the calibration passes
     try:
         args = (compensation, damp, batch_size, progress, selection, target, target_norm)
-        return prune_layerwise_(
-            ResidentLayers(model), plan, calibration_ids, *args, skip_first=skip_first
-        )
+        return prune_layerwise_(ResidentLayers(model), plan, calibration_ids, *args)
     finally:
         model.train(was_training)
 
@@ -349,7 +342,6 @@ def prune_layerwise_(
     selection: Selection | str = "score",
     target: Target | str = DEFAULT_TARGET,
     target_norm: TargetNorm | str = DEFAULT_TARGET_NORM,
-    skip_first: int = 0,
 ) -> tuple[PruningPlan, GQAGeometry]:
     """The engine: :func:`prune_sequential_` over any :class:`LayerWalk` (see the module doc).
 
@@ -369,7 +361,6 @@ def prune_layerwise_(
     calls: list[LayerCalls] = []
     if compensation != "none":
         calibration_ids = check_calibration_ids(compensation, calibration_ids, batch_size)
-        check_skip_first(skip_first, calibration_ids.shape[-1])
         states, calls = walk.capture(list(calibration_ids.split(batch_size)))
     if compensation == "bias":
         setattr(model.config, OUTPUT_BIAS_FLAG, True)
@@ -410,7 +401,6 @@ def prune_layerwise_(
                 walk.host,
                 blend,
                 rescale,
-                skip_first,
             )
             applied.append(lp)
             del targets
@@ -463,15 +453,6 @@ def _dense_pass(
     return _OnDevice(outputs[0], walk.device), _OnDevice(outputs[1], walk.device)
 
 
-def check_skip_first(skip_first: int, seq_len: int) -> None:
-    """Raise a GQAPruneError unless ``0 <= skip_first < seq_len`` (tokens per window)."""
-    if not 0 <= skip_first < seq_len:
-        raise GQAPruneError(
-            "--compensation_skip_first must be at least 0 and below the compensation "
-            f"windows' {seq_len} tokens (--compensation_seq_len), got {skip_first}"
-        )
-
-
 def check_calibration_ids(
     compensation: str, calibration_ids: torch.Tensor | None, batch_size: int
 ) -> torch.Tensor:
@@ -505,20 +486,16 @@ def _collect(
     keep_on: torch.device | str | None = None,
     blend: float = 1.0,
     rescale: bool = False,
-    skip_first: int = 0,
 ) -> InputStats:
     """Run ``layer`` over the calibration batches up to ``linear``, recording its inputs
     (and ``X^T Y`` against the per-batch dense ``targets``, when given, blended with the
     local target as ``blend`` says, each token's target rescaled to the norm of ``linear``'s
-    own output when ``rescale``; the inputs themselves when ``keep_on`` names a device;
-    the first ``skip_first`` positions of every batch left out of the statistics).
+    own output when ``rescale``; the inputs themselves when ``keep_on`` names a device).
 
     Each forward stops at ``linear``'s input: nothing after it is computed (for ``o_proj``
     the whole MLP, for ``down_proj`` the projection itself).
     """
-    stats = InputStats(
-        linear, gram, targets, keep_on=keep_on, rescale=rescale, skip_first=skip_first
-    )
+    stats = InputStats(linear, gram, targets, keep_on=keep_on, rescale=rescale)
     stop = linear.register_forward_pre_hook(_stop_forward)  # runs after the statistics
     try:
         for hidden, call in zip(states, calls, strict=True):
@@ -604,7 +581,6 @@ def prune_layer_(
     host: torch.device | str | None = None,
     blend: float = 1.0,
     rescale: bool = False,
-    skip_first: int = 0,
 ) -> tuple[LayerPlan, BlockOutputs]:
     """Slice one layer to ``lp``: attention first, then the MLP on the new attention output.
 
@@ -615,8 +591,7 @@ def prune_layer_(
     (``lam`` over all inputs) is written (:mod:`.selection`). ``targets`` are the dense
     model's ``o_proj`` / ``down_proj`` outputs per batch (pass 0; dense targets), of which
     the refit reproduces the share ``blend`` (:func:`~.solve.blend_cross`), each token's
-    target rescaled to the norm of the layer's own output when ``rescale``. The first
-    ``skip_first`` positions of every window stay out of the statistics.
+    target rescaled to the norm of the layer's own output when ``rescale``.
 
     The statistics passes keep the projections' inputs (on ``host``; None = the layer's
     device), so a cut block's final output is one sliced matmul away: pass 2 replays the
@@ -650,7 +625,6 @@ def prune_layer_(
             keep_on=keep_on,
             blend=blend,
             rescale=rescale,
-            skip_first=skip_first,
         )
         width = plan.queries_per_kv * plan.head_dim
         fix = None
@@ -691,7 +665,6 @@ def prune_layer_(
                     keep_on=keep_on,
                     blend=blend,
                     rescale=rescale,
-                    skip_first=skip_first,
                 )
         finally:
             if recorder is not None:

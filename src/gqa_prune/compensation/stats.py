@@ -67,9 +67,6 @@ class InputStats:
         rescale: rescale each token's target to the norm of the projection's own output on
             that token, ``Y'_t = Y_t ||x_t W^T|| / ||Y_t||`` (:func:`~.solve.rescale_rows`;
             ``W`` as it is when the hook runs), before it enters ``cross``.
-        skip_first: leave the first ``skip_first`` positions of every sequence (inputs of
-            shape ``(B, L, in)``) out of every statistic: sum, count, Gram, cross product.
-            The inputs kept for the replay stay whole.
     """
 
     def __init__(
@@ -80,10 +77,8 @@ class InputStats:
         weights: Sequence[torch.Tensor] | None = None,
         keep_on: torch.device | str | None = None,
         rescale: bool = False,
-        skip_first: int = 0,
     ) -> None:
         n_in, device = linear.in_features, linear.weight.device
-        self.skip_first = skip_first
         self.count = 0
         self.calls = 0
         self.sum = torch.zeros(n_in, dtype=torch.float64, device=device)
@@ -104,30 +99,25 @@ class InputStats:
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self.keep_on is not None:
             self.inputs.append(args[0].detach().to(self.keep_on))
-        x = self._kept_positions(args[0].detach())
+        x = args[0].detach()
         x = x.reshape(-1, x.shape[-1]).float()
         self.count += x.shape[0]
         self.sum += x.sum(0, dtype=torch.float64)
         if self._gram is not None:
             xw = x
             if self.weights is not None:
-                w = self._kept_positions(self.weights[self.calls])
-                w = w.reshape(-1, 1).to(x.device, torch.float32)
+                w = self.weights[self.calls].reshape(-1, 1).to(x.device, torch.float32)
                 xw = x * w
             add_gram_(self._gram, x, xw)
             self._mirrored = False
         if self.cross is not None and self.targets is not None:
-            y = self._kept_positions(self.targets[self.calls])
+            y = self.targets[self.calls]
             y = y.reshape(-1, y.shape[-1]).to(x.device, torch.float32)
             if self.rescale:
                 weight = cast(torch.Tensor, module.weight)
                 y = rescale_rows(y, x @ weight.to(torch.float32).T)
             self.cross.addmm_(x.T, y)
         self.calls += 1
-
-    def _kept_positions(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (``(B, L, ...)``) without its first ``skip_first`` positions."""
-        return t[:, self.skip_first :] if self.skip_first else t
 
     @property
     def gram(self) -> torch.Tensor | None:

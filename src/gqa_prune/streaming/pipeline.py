@@ -146,7 +146,6 @@ def prune_model_streaming_(
     compensation_target: str = DEFAULT_TARGET,
     sensitivity_weights: str = "stream",
     compensation_target_norm: str = DEFAULT_TARGET_NORM,
-    compensation_skip_first: int = 0,
 ) -> PruneOutcome:
     """:func:`gqa_prune.prune_model_` with one decoder layer on the device at a time.
 
@@ -174,7 +173,6 @@ def prune_model_streaming_(
         compensation_target=compensation_target,
         compensation_target_norm=compensation_target_norm,
         sensitivity_weights=sensitivity_weights,
-        compensation_skip_first=compensation_skip_first,
         before_planning=lambda: check_streaming_memory(
             streamer,
             batch_size,
