@@ -54,16 +54,8 @@ def test_an_unknown_preset_is_refused(tiny_run, capsys):
 
 
 def test_the_knowledge_preset_prunes_a_tiny_model(tiny_run):
-    argv = tiny_args(
-        tiny_run,
-        "--preset",
-        "knowledge",
-        "--prune_mlp",
-        "--compensation_samples",
-        "3",
-        "--save_ckpt_log_name",
-        "k",
-    )
+    flags = "--preset knowledge --prune_mlp --compensation_samples 3 --save_ckpt_log_name k"
+    argv = tiny_args(tiny_run, *flags.split())
     assert main(argv) == 0
     summary = json.loads((tiny_run["logs"] / "k" / "summary.json").read_text())
     method = summary["method"]

@@ -99,8 +99,7 @@ class InputStats:
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self.keep_on is not None:
             self.inputs.append(args[0].detach().to(self.keep_on))
-        x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         self.count += x.shape[0]
         self.sum += x.sum(0, dtype=torch.float64)
         if self._gram is not None:
