@@ -49,7 +49,7 @@ import torch
 from zeroshot_column import ZeroShotColumn
 
 from gqa_prune.analysis import compute_layer_importance
-from gqa_prune.config import PRESETS, RunConfig
+from gqa_prune.config import PRESETS, RunConfig, preset_settings
 from gqa_prune.data import (
     bos_prefix,
     compensation_windows,
@@ -69,9 +69,10 @@ from gqa_prune.recovery import FinetuneConfig, finetune_
 from gqa_prune.runner import allocation_config
 from gqa_prune.search import split_validation
 
-# name -> RunConfig overrides (on top of today's defaults)
+# name -> RunConfig overrides (on top of today's defaults); the library's presets first
+# (gqa-prune --preset NAME: "default" is RunConfig() as it is, "knowledge" is S)
 METHODS: dict[str, dict[str, Any]] = {
-    "default": {},
+    **{name: preset_settings(name) for name in PRESETS},
     # the defaults before issue 15: removal layer importance, Taylor scores, local targets
     "v0": dict(
         layer_importance_method="removal",
@@ -88,8 +89,6 @@ METHODS: dict[str, dict[str, Any]] = {
 METHODS["sensitivity"] = dict(pruning_mode="sensitivity", pruning_distribution="auto")
 # the same, each token's error priced by the squared loss gradient at the layer's output
 METHODS["sensitivity-grad"] = dict(METHODS["sensitivity"], sensitivity_weights="gradient")
-# the library's presets (gqa-prune --preset NAME); "default" is the default above
-METHODS["knowledge"] = PRESETS["knowledge"]
 for _li, _tag in (("removal", "rm"), ("block_influence", "bi")):
     for _sel in ("score", "repair"):
         for _target in ("local", "dense"):

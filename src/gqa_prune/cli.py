@@ -328,9 +328,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> RunConfig:
     """The run's settings: ``--preset``'s bundle as the defaults, then the flags given."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    preset = UserErrorParser(prog=parser.prog, add_help=False)
-    preset.add_argument("--preset", default="default", choices=tuple(PRESETS))
-    parser.set_defaults(**preset_settings(preset.parse_known_args(argv)[0].preset))
+    parser.set_defaults(**preset_settings(parser.parse_known_args(argv)[0].preset))
     values: dict[str, Any] = vars(parser.parse_args(argv))
     del values["preset"]  # its settings are in the values; the command line keeps its name
     return RunConfig(**values, command=["gqa-prune", *argv])
