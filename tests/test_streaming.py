@@ -21,6 +21,7 @@ from gqa_prune.streaming import (
     StreamingConfig,
     load_model_offloaded,
     parse_memory,
+    plan_memory,
     streaming_layer_importance,
     streaming_perplexity,
     streaming_unit_scores,
@@ -202,6 +203,31 @@ def test_a_cap_below_one_layer_is_a_clear_error(tmp_path):
             AllocationConfig(0.2, prune_mlp=True),
             streaming=ram,
         )
+
+
+def test_the_api_counts_the_compensation_windows_against_the_cap():
+    """The recordings of many refit windows rest in RAM beside the layers: the cap sees them."""
+    model = tiny_model()
+    many = torch.randint(0, 128, (400, 64), generator=torch.Generator().manual_seed(4))
+    few = plan_memory(model, 1, 16, "taylor", "lstsq", True, calibration_tokens=IDS.numel())
+    full = plan_memory(
+        model,
+        1,
+        16,
+        "taylor",
+        "lstsq",
+        True,
+        calibration_tokens=many.numel(),
+        compensation_seq_len=64,
+    )
+    assert full.peak > few.peak
+    cap = (few.peak + full.peak) // 2
+    config = AllocationConfig(0.2, prune_mlp=True)
+    stream = StreamingConfig(device="cpu", max_memory=cap)
+    with pytest.raises(GQAPruneError, match="--max_memory allows"):
+        prune_model_(model, IDS, config, compensation_ids=many, streaming=stream, progress=False)
+    out = prune_model_(tiny_model(), IDS, config, streaming=stream, progress=False)
+    assert out.plan
 
 
 # ---------------------------------------------------------------------- memory cap, measured

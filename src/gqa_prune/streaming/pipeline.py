@@ -154,6 +154,7 @@ def prune_model_streaming_(
     Checks the memory cap first (:func:`check_streaming_memory`).
     """
     seq_len = int(calibration_ids.shape[-1]) if calibration_ids is not None else 1
+    windows = compensation_ids if compensation_ids is not None else calibration_ids
     return prune_walk_(
         streamer,
         calibration_ids,
@@ -182,7 +183,10 @@ def prune_model_streaming_(
             selection,
             compensation_target,
             mode,
+            # the compensation windows' recordings, as the CLI counts them (run.py)
+            calibration_tokens=int(windows.numel()) if windows is not None else 0,
             sensitivity_weights=sensitivity_weights,
+            compensation_seq_len=int(windows.shape[-1]) if windows is not None else 0,
         ),
     )
 
