@@ -11,7 +11,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from gqa_prune.cli_utils import UserErrorParser, int_or_none
+from gqa_prune.cli_utils import (
+    UserErrorParser,
+    add_model_arguments,
+    add_perplexity_arguments,
+    int_or_none,
+)
 from gqa_prune.compensation import TARGET_NORMS, TARGETS
 from gqa_prune.config import (
     AGGREGATIONS,
@@ -66,7 +71,13 @@ def add_allocation_arguments(g: Any, d: RunConfig) -> None:
         "squared loss gradient at the layer's output (counts the layers above; one more "
         "forward and a layer-wise backward over the calibration set)",
     )
-    g.add_argument("--pruning_strategy", default=d.pruning_strategy, choices=STRATEGIES)
+    g.add_argument(
+        "--pruning_strategy",
+        default=d.pruning_strategy,
+        choices=STRATEGIES,
+        help="how layer importance becomes rates: inverse = important layers lose less; "
+        "proportional = they lose more; uniform = one rate for every prunable layer",
+    )
     g.add_argument(
         "--alpha",
         "--layer_importance_weight",
@@ -75,11 +86,36 @@ def add_allocation_arguments(g: Any, d: RunConfig) -> None:
         default=d.alpha,
         help="strength of the importance weighting",
     )
-    g.add_argument("--min_pruning_rate", type=float, default=d.min_pruning_rate)
-    g.add_argument("--max_pruning_rate", type=float, default=d.max_pruning_rate)
-    g.add_argument("--freeze_top_n_layers", type=int, default=d.freeze_top_n_layers)
-    g.add_argument("--layer_start", type=int_or_none, default=d.layer_start)
-    g.add_argument("--layer_end", type=int_or_none, default=d.layer_end)
+    g.add_argument(
+        "--min_pruning_rate",
+        type=float,
+        default=d.min_pruning_rate,
+        help="lowest share of its attention+MLP parameters a prunable layer loses",
+    )
+    g.add_argument(
+        "--max_pruning_rate",
+        type=float,
+        default=d.max_pruning_rate,
+        help="highest share of its attention+MLP parameters a prunable layer loses",
+    )
+    g.add_argument(
+        "--freeze_top_n_layers",
+        type=int,
+        default=d.freeze_top_n_layers,
+        help="keep the N most important layers (of the prunable range) whole",
+    )
+    g.add_argument(
+        "--layer_start",
+        type=int_or_none,
+        default=d.layer_start,
+        help="first prunable layer, counted from 0 (none = 0)",
+    )
+    g.add_argument(
+        "--layer_end",
+        type=int_or_none,
+        default=d.layer_end,
+        help="one past the last prunable layer (none = the number of layers)",
+    )
     g.add_argument(
         "--mlp_round_to",
         type=int,
@@ -93,19 +129,121 @@ def add_allocation_arguments(g: Any, d: RunConfig) -> None:
     )
 
 
+def add_layer_importance_arguments(g: Any, d: RunConfig) -> None:
+    """``--layer_importance_method`` and ``--layer_importance_samples``."""
+    g.add_argument(
+        "--layer_importance_method",
+        default=d.layer_importance_method,
+        choices=LAYER_IMPORTANCE_METHODS,
+        help="removal: loss increase when the layer is skipped; activation: mean norm of the "
+        "layer's output; block_influence: 1 - cos(input, output) (ShortGPT, one forward)",
+    )
+    g.add_argument(
+        "--layer_importance_samples",
+        type=int,
+        default=d.layer_importance_samples,
+        help="calibration sequences (of --taylor_seq_len tokens) for layer importance",
+    )
+
+
+def add_unit_importance_arguments(g: Any, d: RunConfig) -> None:
+    """The unit-score flags: criterion, aggregation and the gradients' calibration."""
+    g.add_argument(
+        "--importance",
+        default=d.importance,
+        choices=IMPORTANCE_CRITERIA,
+        help="score of a GQA group / MLP channel (used by --selection score and "
+        "--pruning_mode global)",
+    )
+    g.add_argument(
+        "--aggregation",
+        default=d.aggregation,
+        choices=AGGREGATIONS,
+        help="how a unit's element scores combine",
+    )
+    g.add_argument(
+        "--channel_importance_samples",
+        type=int,
+        default=d.channel_importance_samples,
+        help="calibration sequences for the Taylor gradients",
+    )
+    g.add_argument(
+        "--taylor_seq_len",
+        type=int,
+        default=d.taylor_seq_len,
+        help="tokens per calibration sequence of the layer analysis and the unit scores",
+    )
+    g.add_argument(
+        "--taylor_batch_size",
+        type=int,
+        default=d.taylor_batch_size,
+        help="sequences per forward/backward batch (lower it to save memory)",
+    )
+
+
+def add_compensation_arguments(g: Any, d: RunConfig) -> None:
+    """The repair flags: method, calibration windows, ridge, selection and refit target."""
+    g.add_argument(
+        "--compensation",
+        default=d.compensation,
+        choices=COMPENSATIONS,
+        help="none: plain deletion; lstsq: ridge refit of o_proj/down_proj kept "
+        "columns; bias: FLAP mean contribution as an output bias",
+    )
+    g.add_argument(
+        "--compensation_samples",
+        type=int,
+        default=d.compensation_samples,
+        help="calibration sequences (of --compensation_seq_len tokens) for compensation",
+    )
+    g.add_argument(
+        "--compensation_seq_len",
+        type=int,
+        default=d.compensation_seq_len,
+        help="tokens per compensation sequence",
+    )
+    g.add_argument(
+        "--compensation_damp",
+        type=float,
+        default=d.compensation_damp,
+        help="lstsq ridge strength, relative to the mean diagonal of the Gram matrix",
+    )
+    g.add_argument(
+        "--selection",
+        default="auto",
+        choices=("auto", *SELECTIONS),
+        help="which units each layer loses (its counts come from the allocation): score = "
+        "lowest importance score; repair = least error left after the lstsq refit "
+        "(greedy structured OBS on the compensation's Gram matrices; needs lstsq; no "
+        "backward pass); auto (default) = repair with --compensation lstsq, else score",
+    )
+    g.add_argument(
+        "--compensation_target",
+        default=d.compensation_target,
+        metavar="{" + ",".join(TARGETS) + ",BETA}",
+        help="what the lstsq refit reproduces: local = each projection's own dense output "
+        "on the pruned inputs; dense = the dense model's output (a dense stream carried "
+        "beside the pruned one corrects the error arriving from the layers below); a number "
+        "BETA in [0, 1] = the blend (1-BETA) local + BETA dense",
+    )
+    g.add_argument(
+        "--compensation_target_norm",
+        default=d.compensation_target_norm,
+        choices=TARGET_NORMS,
+        help="the size of each token's dense target (with a dense or blended "
+        "--compensation_target): dense = as the dense model has it; local = the pruned "
+        "layer's own output's (the direction stays the dense model's)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = RunConfig()
     p = UserErrorParser(
         prog="gqa-prune",
         description="GQA-aware unbalanced structured pruning of Hugging Face decoder LLMs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and output")
-    g.add_argument(
-        "--base_model",
-        default=d.base_model,
-        help="HF folder, hub id, .gguf file or built-in name (smollm2-135m)",
-    )
+    add_model_arguments(g, d.base_model, d.device, d.dtype, d.seed)
     g.add_argument(
         "--save_ckpt_log_name",
         default=d.save_ckpt_log_name,
@@ -114,9 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_root", default=d.log_root, help="folder holding experiment folders")
     g.add_argument("--save_model", action="store_true", help="save the pruned checkpoint to model/")
     g.add_argument("--overwrite", action="store_true", help="replace an existing saved model")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument(
         "--preset",
         default="default",
@@ -174,17 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_dataset", default=d.eval_dataset, help="name or text file (test split)")
 
     g = p.add_argument_group("1. layer importance")
-    g.add_argument(
-        "--layer_importance_method",
-        default=d.layer_importance_method,
-        choices=LAYER_IMPORTANCE_METHODS,
-    )
-    g.add_argument(
-        "--layer_importance_samples",
-        type=int,
-        default=d.layer_importance_samples,
-        help="calibration sequences (of --taylor_seq_len tokens) for layer importance",
-    )
+    add_layer_importance_arguments(g, d)
     g.add_argument(
         "--skip_importance_analysis",
         action="store_true",
@@ -204,91 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prune_mlp", action="store_true", help="prune MLP channels too")
 
     g = p.add_argument_group("3. unit importance")
-    g.add_argument(
-        "--importance",
-        default=d.importance,
-        choices=IMPORTANCE_CRITERIA,
-        help="score of a GQA group / MLP channel",
-    )
-    g.add_argument(
-        "--aggregation",
-        default=d.aggregation,
-        choices=AGGREGATIONS,
-        help="how a unit's element scores combine",
-    )
-    g.add_argument(
-        "--channel_importance_samples",
-        type=int,
-        default=d.channel_importance_samples,
-        help="calibration sequences for the Taylor gradients",
-    )
-    g.add_argument("--taylor_seq_len", type=int, default=d.taylor_seq_len)
-    g.add_argument("--taylor_batch_size", type=int, default=d.taylor_batch_size)
+    add_unit_importance_arguments(g, d)
 
-    g = p.add_argument_group("3b. compensation (repair the weights that stay, layer by layer)")
-    g.add_argument(
-        "--compensation",
-        default=d.compensation,
-        choices=COMPENSATIONS,
-        help="none: plain deletion; lstsq: ridge refit of o_proj/down_proj kept "
-        "columns; bias: FLAP mean contribution as an output bias",
-    )
-    g.add_argument(
-        "--compensation_samples",
-        type=int,
-        default=d.compensation_samples,
-        help="calibration sequences (of --compensation_seq_len tokens) for compensation",
-    )
-    g.add_argument(
-        "--compensation_seq_len",
-        type=int,
-        default=d.compensation_seq_len,
-        help="tokens per compensation sequence",
-    )
-    g.add_argument(
-        "--compensation_damp",
-        type=float,
-        default=d.compensation_damp,
-        help="lstsq ridge strength, relative to the mean diagonal of the Gram matrix",
-    )
-    g.add_argument(
-        "--selection",
-        default="auto",
-        choices=("auto", *SELECTIONS),
-        help="which units each layer loses (its counts come from the allocation): score = "
-        "lowest importance score; repair = least error left after the lstsq refit "
-        "(greedy structured OBS on the compensation's Gram matrices; needs lstsq; no "
-        "backward pass); auto (default) = repair with --compensation lstsq, else score",
-    )
-    g.add_argument(
-        "--compensation_target",
-        default=d.compensation_target,
-        metavar="{" + ",".join(TARGETS) + ",BETA}",
-        help="what the lstsq refit reproduces: local = each projection's own dense output "
-        "on the pruned inputs; dense = the dense model's output (a dense stream carried "
-        "beside the pruned one corrects the error arriving from the layers below); a number "
-        "BETA in [0, 1] = the blend (1-BETA) local + BETA dense",
-    )
-    g.add_argument(
-        "--compensation_target_norm",
-        default=d.compensation_target_norm,
-        choices=TARGET_NORMS,
-        help="the size of each token's dense target (with a dense or blended "
-        "--compensation_target): dense = as the dense model has it; local = the pruned "
-        "layer's own output's (the direction stays the dense model's; default)",
-    )
+    g = p.add_argument_group("4. compensation (repair the weights that stay, layer by layer)")
+    add_compensation_arguments(g, d)
 
     g = p.add_argument_group("5. evaluation")
     g.add_argument("--test_original_ppl", action="store_true", help="perplexity before pruning")
     g.add_argument("--test_after_prune", action="store_true", help="perplexity after pruning")
-    g.add_argument("--eval_seq_len", type=int, default=d.eval_seq_len)
-    g.add_argument(
-        "--eval_max_windows",
-        type=int_or_none,
-        default=d.eval_max_windows,
-        help="evaluate only the first N windows (default: all)",
-    )
-    g.add_argument("--eval_batch_size", type=int, default=d.eval_batch_size)
+    add_perplexity_arguments(g, d.eval_seq_len, d.eval_max_windows, d.eval_batch_size)
     # --- zero-shot and efficiency (gqa_prune.evaluation) ---
     g.add_argument(
         "--eval_tasks",
@@ -302,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval_limit",
         type=int_or_none,
         default=d.eval_limit,
-        help="the first N items of each zero-shot task (default: all)",
+        help="the first N items of each zero-shot task (none = all)",
     )
     g.add_argument(
         "--eval_include_path",

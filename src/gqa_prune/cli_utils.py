@@ -1,13 +1,41 @@
-"""What every command line of the package shares: one-line usage errors and ``none`` numbers."""
+"""What every command line of the package shares: one-line usage errors, help that shows each
+default once, ``none`` numbers, and the flags several commands take."""
 
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+import re
+from typing import Any, NoReturn
+
+from gqa_prune.models.loading import BUILTIN_MODELS
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# a help text that already says what the default is: "(default: ...)", "x (default)", "; default)"
+_NAMES_DEFAULT = re.compile(r"\(default\b|\bdefault\)|\bdefault:")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to a flag's help unless the help already names its default,
+    the flag is a switch, or the default is ``None`` (the help says what "unset" means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            _NAMES_DEFAULT.search(text)
+            or action.default is None
+            or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        ):
+            return text
+        return super()._get_help_string(action)
 
 
 class UserErrorParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line, exit status 2, no usage block."""
+    """An ``ArgumentParser`` whose usage errors are one line, exit status 2, no usage block;
+    its help shows every flag's default (:class:`HelpFormatter`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -18,15 +46,51 @@ def int_or_none(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
-def add_model_arguments(
-    p: argparse.ArgumentParser, base_model: str, device: str, dtype: str, seed: int
-) -> None:
-    """``--base_model``, ``--device``, ``--dtype`` and ``--seed`` with the given defaults."""
+def add_model_arguments(p: Any, base_model: str, device: str, dtype: str, seed: int) -> None:
+    """``--base_model``, ``--device``, ``--dtype`` and ``--seed`` with the given defaults
+    (``p``: a parser or an argument group)."""
     p.add_argument(
         "--base_model",
         default=base_model,
-        help="HF folder, hub id, .gguf file or built-in name (smollm2-135m)",
+        help=f"HF folder, hub id, .gguf file or built-in name ({', '.join(BUILTIN_MODELS)})",
     )
     p.add_argument("--device", default=device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=seed)
+    add_dtype_seed_arguments(p, dtype, seed)
+
+
+def add_dtype_seed_arguments(p: Any, dtype: str, seed: int) -> None:
+    """``--dtype`` and ``--seed``."""
+    p.add_argument(
+        "--dtype",
+        default=dtype,
+        choices=DTYPES,
+        help="weights' type in memory; auto = bfloat16 on CUDA, float32 on CPU",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=seed,
+        help="seed of the calibration draw and of every random choice",
+    )
+
+
+def add_perplexity_arguments(
+    p: Any, seq_len: int, max_windows: int | None, batch_size: int | None = None
+) -> None:
+    """``--eval_seq_len``, ``--eval_max_windows`` and (given a default) ``--eval_batch_size``."""
+    p.add_argument(
+        "--eval_seq_len",
+        type=int,
+        default=seq_len,
+        help="tokens per perplexity window (non-overlapping; 128 as in the pruning papers)",
+    )
+    p.add_argument(
+        "--eval_max_windows",
+        type=int_or_none,
+        default=max_windows,
+        help="evaluate only the first N windows (none = all)",
+    )
+    if batch_size is not None:
+        p.add_argument(
+            "--eval_batch_size", type=int, default=batch_size, help="windows per forward pass"
+        )

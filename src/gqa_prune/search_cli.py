@@ -11,17 +11,19 @@ from collections.abc import Sequence
 
 import torch
 
-from gqa_prune.cli import add_allocation_arguments
-from gqa_prune.cli_utils import UserErrorParser, add_model_arguments, int_or_none
-from gqa_prune.compensation import TARGET_NORMS, TARGETS
-from gqa_prune.config import (
-    AGGREGATIONS,
-    COMPENSATIONS,
-    IMPORTANCE_CRITERIA,
-    LAYER_IMPORTANCE_METHODS,
-    SELECTIONS,
-    RunConfig,
+from gqa_prune.cli import (
+    add_allocation_arguments,
+    add_compensation_arguments,
+    add_layer_importance_arguments,
+    add_unit_importance_arguments,
 )
+from gqa_prune.cli_utils import (
+    UserErrorParser,
+    add_model_arguments,
+    add_perplexity_arguments,
+    int_or_none,
+)
+from gqa_prune.config import RunConfig
 
 SEARCH_JSON = "search.json"
 SEARCH_PLOT = "search_distributions.png"
@@ -38,7 +40,6 @@ def build_search_parser() -> argparse.ArgumentParser:
         "splits by perplexity on held-out calibration (validation) text, or by zero-shot "
         "accuracy on the validation files of ARC-Easy, ARC-Challenge and OpenBookQA; never "
         "on test items.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(p, d.base_model, d.device, d.dtype, d.seed)
     p.add_argument(
@@ -46,13 +47,17 @@ def build_search_parser() -> argparse.ArgumentParser:
         required=True,
         help="comma-separated attention:MLP splits, e.g. 0:10,1:9,2:8,3:7",
     )
-    p.add_argument("--log_root", default=d.log_root)
+    p.add_argument("--log_root", default=d.log_root, help="folder holding experiment folders")
     p.add_argument(
         "--save_ckpt_log_name",
         default=d.save_ckpt_log_name,
         help=f"outputs go to <log_root>/<name>/ ({SEARCH_JSON}, {SEARCH_PLOT})",
     )
-    p.add_argument("--data_dir", default=d.data_dir)
+    p.add_argument(
+        "--data_dir",
+        default=d.data_dir,
+        help="folder with local data copies (else $GQA_PRUNE_DATA_DIR, else the hub)",
+    )
     p.add_argument(
         "--calibration_dataset",
         default=d.calibration_dataset,
@@ -67,39 +72,12 @@ def build_search_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("allocation (as in gqa-prune; MLP pruning is always on)")
     add_allocation_arguments(g, d)
     g = p.add_argument_group("importance (computed once, shared by every split)")
-    g.add_argument(
-        "--layer_importance_method",
-        default=d.layer_importance_method,
-        choices=LAYER_IMPORTANCE_METHODS,
-    )
-    g.add_argument("--layer_importance_samples", type=int, default=d.layer_importance_samples)
-    g.add_argument("--importance", default=d.importance, choices=IMPORTANCE_CRITERIA)
-    g.add_argument("--aggregation", default=d.aggregation, choices=AGGREGATIONS)
-    g.add_argument("--channel_importance_samples", type=int, default=d.channel_importance_samples)
-    g.add_argument("--taylor_seq_len", type=int, default=d.taylor_seq_len)
-    g.add_argument("--taylor_batch_size", type=int, default=d.taylor_batch_size)
+    add_layer_importance_arguments(g, d)
+    add_unit_importance_arguments(g, d)
     g = p.add_argument_group("compensation (repeated per split: it depends on the plan)")
-    g.add_argument("--compensation", default=d.compensation, choices=COMPENSATIONS)
-    g.add_argument("--compensation_samples", type=int, default=d.compensation_samples)
-    g.add_argument("--compensation_seq_len", type=int, default=d.compensation_seq_len)
-    g.add_argument("--compensation_damp", type=float, default=d.compensation_damp)
-    g.add_argument("--selection", default="auto", choices=("auto", *SELECTIONS))
-    g.add_argument(
-        "--compensation_target",
-        default=d.compensation_target,
-        metavar="{" + ",".join(TARGETS) + ",BETA}",
-        help="local, dense or a blend BETA in [0, 1] (as gqa-prune)",
-    )
-    g.add_argument(
-        "--compensation_target_norm",
-        default=d.compensation_target_norm,
-        choices=TARGET_NORMS,
-        help="dense or local: the size of each token's dense target (as gqa-prune)",
-    )
+    add_compensation_arguments(g, d)
     g = p.add_argument_group("validation perplexity")
-    g.add_argument("--eval_seq_len", type=int, default=d.eval_seq_len)
-    g.add_argument("--eval_max_windows", type=int_or_none, default=d.eval_max_windows)
-    g.add_argument("--eval_batch_size", type=int, default=d.eval_batch_size)
+    add_perplexity_arguments(g, d.eval_seq_len, d.eval_max_windows, d.eval_batch_size)
     g = p.add_argument_group("ranking (validation data only)")
     g.add_argument(
         "--rank_by",
@@ -120,7 +98,7 @@ def build_search_parser() -> argparse.ArgumentParser:
         "--zeroshot_limit",
         type=int_or_none,
         default=None,
-        help="the first N validation items per task (default: all)",
+        help="the first N validation items per task (none = all)",
     )
     g.add_argument(
         "--zeroshot_data_dir",

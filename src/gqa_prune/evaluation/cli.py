@@ -24,7 +24,6 @@ def build_speed_parser() -> argparse.ArgumentParser:
         prog="gqa-prune bench-speed",
         description="Parameters, size, prefill / decode tokens per second and peak memory of "
         "the dense and the pruned model, one after the other on the same device.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(p, DEFAULT_MODEL, device="auto", dtype="auto", seed=42)
     p.add_argument(
@@ -32,7 +31,7 @@ def build_speed_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt_len", type=int, default=128, help="prompt tokens per sequence")
     p.add_argument("--new_tokens", type=int, default=32, help="greedy decode steps")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=1, help="sequences per run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--output", default=None, help="also write the figures to this JSON file")

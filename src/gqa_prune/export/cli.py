@@ -21,7 +21,6 @@ def build_parser() -> argparse.ArgumentParser:
         "GGUF file for llama.cpp, with per-layer Q heads, KV heads and MLP widths (architecture "
         "'deci'; 'openelm' for Qwen3), plus the tokenizer (byte-level or SentencePiece-style "
         "BPE).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("checkpoint", help="folder written by save_pruned / --save_model")
     p.add_argument("out", help="GGUF file to write")

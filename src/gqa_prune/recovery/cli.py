@@ -20,7 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gqa_prune.cli_utils import UserErrorParser, int_or_none
+from gqa_prune.cli_utils import (
+    UserErrorParser,
+    add_dtype_seed_arguments,
+    add_perplexity_arguments,
+    int_or_none,
+)
 from gqa_prune.errors import GQAPruneError
 from gqa_prune.recovery.config import (
     FINETUNE_DEFAULTS,
@@ -158,7 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gqa-prune-finetune",
         description="Recover a saved pruned model (LoRA / full / distillation); runs under "
         "accelerate launch for several GPUs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="pruned checkpoint folder (prune_log/NAME/model)")
     p.add_argument(
@@ -170,14 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default=None, help="output folder (default: model_finetuned/ beside --model)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=FINETUNE_DEFAULTS.seed)
+    p.add_argument(
+        "--data_dir",
+        default=None,
+        help="folder with local data copies (else $GQA_PRUNE_DATA_DIR, else the hub)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_dtype_seed_arguments(p, "auto", FINETUNE_DEFAULTS.seed)
     p.add_argument("--test_after_finetune", action="store_true", help="perplexity after recovery")
-    p.add_argument("--eval_dataset", default="wikitext2")
-    p.add_argument("--eval_seq_len", type=int, default=128)
-    p.add_argument("--eval_max_windows", type=int_or_none, default=None)
+    p.add_argument("--eval_dataset", default="wikitext2", help="name or text file (test split)")
+    add_perplexity_arguments(p, seq_len=128, max_windows=None)
     add_finetune_arguments(p, with_switch=False)
     return p
 
