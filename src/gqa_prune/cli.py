@@ -165,7 +165,8 @@ def add_unit_importance_arguments(g: Any, d: RunConfig) -> None:
         "--channel_importance_samples",
         type=int,
         default=d.channel_importance_samples,
-        help="calibration sequences for the Taylor gradients",
+        help="calibration sequences (of --taylor_seq_len tokens) for the Taylor gradients and, "
+        "with --pruning_mode sensitivity, for its error curves and gradient weights",
     )
     g.add_argument(
         "--taylor_seq_len",
