@@ -13,6 +13,7 @@ from typing import Any
 
 from gqa_prune.cli_utils import (
     UserErrorParser,
+    add_data_dir_argument,
     add_model_arguments,
     add_perplexity_arguments,
     int_or_none,
@@ -296,11 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("data")
-    g.add_argument(
-        "--data_dir",
-        default=d.data_dir,
-        help="folder with local data copies (else $GQA_PRUNE_DATA_DIR, else the hub)",
-    )
+    add_data_dir_argument(g)
     g.add_argument(
         "--calibration_dataset",
         default=d.calibration_dataset,

@@ -74,6 +74,15 @@ def add_dtype_seed_arguments(p: Any, dtype: str, seed: int) -> None:
     )
 
 
+def add_data_dir_argument(p: Any) -> None:
+    """``--data_dir`` (unset: ``$GQA_PRUNE_DATA_DIR``, else the hub)."""
+    p.add_argument(
+        "--data_dir",
+        default=None,
+        help="folder with local data copies (else $GQA_PRUNE_DATA_DIR, else the hub)",
+    )
+
+
 def add_perplexity_arguments(
     p: Any, seq_len: int, max_windows: int | None, batch_size: int | None = None
 ) -> None:

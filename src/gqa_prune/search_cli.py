@@ -19,6 +19,7 @@ from gqa_prune.cli import (
 )
 from gqa_prune.cli_utils import (
     UserErrorParser,
+    add_data_dir_argument,
     add_model_arguments,
     add_perplexity_arguments,
     int_or_none,
@@ -53,11 +54,7 @@ def build_search_parser() -> argparse.ArgumentParser:
         default=d.save_ckpt_log_name,
         help=f"outputs go to <log_root>/<name>/ ({SEARCH_JSON}, {SEARCH_PLOT})",
     )
-    p.add_argument(
-        "--data_dir",
-        default=d.data_dir,
-        help="folder with local data copies (else $GQA_PRUNE_DATA_DIR, else the hub)",
-    )
+    add_data_dir_argument(p)
     p.add_argument(
         "--calibration_dataset",
         default=d.calibration_dataset,

@@ -22,6 +22,7 @@ from typing import Any
 
 from gqa_prune.cli_utils import (
     UserErrorParser,
+    add_data_dir_argument,
     add_dtype_seed_arguments,
     add_perplexity_arguments,
     int_or_none,
@@ -174,11 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default=None, help="output folder (default: model_finetuned/ beside --model)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument(
-        "--data_dir",
-        default=None,
-        help="folder with local data copies (else $GQA_PRUNE_DATA_DIR, else the hub)",
-    )
+    add_data_dir_argument(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_dtype_seed_arguments(p, "auto", FINETUNE_DEFAULTS.seed)
     p.add_argument("--test_after_finetune", action="store_true", help="perplexity after recovery")
