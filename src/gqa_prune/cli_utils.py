@@ -70,7 +70,7 @@ def add_dtype_seed_arguments(p: Any, dtype: str, seed: int) -> None:
         "--seed",
         type=int,
         default=seed,
-        help="seed of the calibration draw and of every random choice",
+        help="seed of every random draw (data windows, their order, sampling)",
     )
 
 
