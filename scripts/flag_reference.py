@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from gqa_prune.cli_utils import is_switch
+
 USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
 BEGIN = "<!-- flag reference: written by scripts/flag_reference.py -->"
 END = "<!-- end of flag reference -->"
@@ -38,7 +40,7 @@ def parsers() -> list[tuple[str, Callable[[], argparse.ArgumentParser]]]:
 def _default(action: argparse.Action) -> str:
     if action.required or not action.option_strings:
         return "required"
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if is_switch(action):
         return "off"
     if action.default is None:
         return "—"

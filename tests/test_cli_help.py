@@ -20,6 +20,14 @@ def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
 
 
+def test_the_reference_covers_every_sub_command():
+    from gqa_prune.cli import SUBCOMMANDS
+
+    names = {n for n, _ in COMMANDS}
+    missing = [s for s in SUBCOMMANDS if f"gqa-prune {s}" not in names]
+    assert not missing, f"scripts/flag_reference.py lacks the parsers of {missing}"
+
+
 @pytest.mark.parametrize("name,build", COMMANDS, ids=[n for n, _ in COMMANDS])
 def test_every_flag_has_help(name, build):
     missing = [a.option_strings or a.dest for a in _options(build()) if not (a.help or "").strip()]

@@ -14,17 +14,18 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 _NAMES_DEFAULT = re.compile(r"\(default\b|\bdefault\)|\bdefault:")
 
 
+def is_switch(action: argparse.Action) -> bool:
+    """A flag that takes no value (``store_true`` and the like): its default is "off"."""
+    return bool(action.option_strings) and action.nargs == 0
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: X)`` to a flag's help unless the help already names its default,
     the flag is a switch, or the default is ``None`` (the help says what "unset" means)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if (
-            _NAMES_DEFAULT.search(text)
-            or action.default is None
-            or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
-        ):
+        if _NAMES_DEFAULT.search(text) or action.default is None or is_switch(action):
             return text
         return super()._get_help_string(action)
 
